@@ -1,0 +1,1 @@
+"""Backbone implementations; importing this module registers them."""
