@@ -1,0 +1,17 @@
+"""The shared layers every backbone is built from."""
+from .attention import Attention, scaled_dot_product
+from .drop import DropPath, drop_path, drop_path_schedule, make_drop_path
+from .format import nchw_to_nhwc, nchw_to_nlc, nhwc_to_nchw, nlc_to_nchw
+from .layer_scale import LayerScale
+from .mlp import Mlp
+from .patch_embed import PatchEmbed
+from .pos_embed import resample_abs_pos_embed
+from .rel_pos import RelativePositionBias, relative_position_index, resize_rel_pos_table, window_from_table_len
+from .window import pad_to_window, shifted_window_mask, window_partition, window_reverse
+
+__all__ = [
+    'Attention', 'scaled_dot_product', 'DropPath', 'drop_path', 'drop_path_schedule', 'make_drop_path',
+    'nchw_to_nhwc', 'nchw_to_nlc', 'nhwc_to_nchw', 'nlc_to_nchw', 'LayerScale', 'Mlp', 'PatchEmbed',
+    'resample_abs_pos_embed', 'RelativePositionBias', 'relative_position_index', 'resize_rel_pos_table',
+    'window_from_table_len', 'pad_to_window', 'shifted_window_mask', 'window_partition', 'window_reverse'
+]

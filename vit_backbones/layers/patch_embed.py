@@ -1,0 +1,50 @@
+"""Patch embeddings: a strided convolution (non-overlapping when kernel == stride, overlapping
+otherwise) with optional norm, padding the input so any H, W works."""
+from typing import Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> NHWC tokens (B, ceil(H/s), ceil(W/s), D) with ``s`` the stride.
+
+    Non-overlapping (``kernel == stride``, Swin, ViT): the input is zero-padded bottom/right to a
+    multiple of the stride. Overlapping (``kernel > stride`` with ``padding``, PVT v2): the conv padding
+    plus a bottom/right pad keep the output at ``ceil(H/s)``.
+    """
+
+    def __init__(self,
+                 in_chans: int = 3,
+                 embed_dim: int = 96,
+                 patch_size: Union[int, Tuple[int, int]] = 4,
+                 stride: Optional[Union[int, Tuple[int, int]]] = None,
+                 padding: Union[int, Tuple[int, int]] = 0,
+                 norm_layer: Optional[Type[nn.Module]] = None,
+                 bias: bool = True):
+        super().__init__()
+        self.patch_size = _pair(patch_size)
+        self.stride = _pair(stride if stride is not None else patch_size)
+        self.padding = _pair(padding)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, self.stride, self.padding, bias=bias)
+        self.norm = norm_layer(embed_dim) if norm_layer else None
+
+    def output_size(self, h: int, w: int) -> Tuple[int, int]:
+        return -(-h // self.stride[0]), -(-w // self.stride[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        oh, ow = self.output_size(h, w)
+        # smallest input that the conv maps to (oh, ow)
+        need_h = (oh - 1) * self.stride[0] + self.patch_size[0] - 2 * self.padding[0]
+        need_w = (ow - 1) * self.stride[1] + self.patch_size[1] - 2 * self.padding[1]
+        if need_h > h or need_w > w:
+            x = F.pad(x, (0, max(need_w - w, 0), 0, max(need_h - h, 0)))
+        x = self.proj(x).permute(0, 2, 3, 1)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
