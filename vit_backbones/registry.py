@@ -35,10 +35,19 @@ def get_backbone_class(name: str) -> Type:
         raise KeyError(f'unknown backbone {name!r}; known backbones: {", ".join(list_backbones())}') from None
 
 
-def build_backbone(name: str, arch='tiny', **kwargs):
+def build_backbone(name: str, arch='tiny', checkpoint=None, **kwargs):
     """Build a backbone by name and variant, e.g. ``build_backbone('Swin', 'tiny', out_indices=(1, 2, 3))``.
 
-    ``kwargs`` are the backbone's construction arguments (``out_indices``, ``frozen_stages``, ``with_cp``,
-    ``drop_path_rate``, ``init_cfg`` ...).
+    Args:
+        name: a registered backbone name (see :func:`list_backbones`).
+        arch: the variant name or a dict of hyper-parameters.
+        checkpoint: optional path (or state dict) of weights in any supported layout (official, timm,
+            HF transformers, mmdet/mmseg, ours), loaded right away; the report is kept in
+            ``model.load_report``.
+        **kwargs: the backbone's construction arguments (``out_indices``, ``frozen_stages``, ``with_cp``,
+            ``drop_path_rate``, ``init_cfg`` ...).
     """
-    return get_backbone_class(name)(arch=arch, **kwargs)
+    model = get_backbone_class(name)(arch=arch, **kwargs)
+    if checkpoint is not None:
+        model.load_checkpoint(checkpoint)
+    return model

@@ -29,15 +29,19 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes=('backbone.', 'encoder
 
 def load_pretrained(model: nn.Module,
                     checkpoint: Union[str, os.PathLike, Mapping],
-                    strict: bool = False,
+                    strict: Optional[bool] = False,
                     min_match: float = 0.5,
                     logger=None) -> LoadReport:
     """Load ``checkpoint`` (a path or a state dict) into ``model`` and return a :class:`LoadReport`.
 
+    ``strict``: False (default) accepts exactly the gaps a classification checkpoint has (the
+    backbone's ``optional_checkpoint_keys``, e.g. per-level output norms) and refuses any other
+    mismatch; True refuses any missing parameter; None loads whatever fits.
+
     Raises:
-        CheckpointMismatchError: fewer than ``min_match`` of the model's parameters found a tensor of
-            the right shape, i.e. the file is for another model or another variant; or ``strict`` and
-            something is missing.
+        CheckpointMismatchError: the file is for another model or another variant (fewer than
+            ``min_match`` of the parameters found a tensor, a block is missing or extra, a shape
+            cannot be resized), with the keys that show it.
     """
     name = type(model).__name__
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
@@ -62,7 +66,23 @@ def load_pretrained(model: nn.Module,
         to_load[k] = v.to(own[k].dtype)
     params = [k for k, _ in model.named_parameters()]
     matched = sum(k in to_load for k in params)
-    if matched < min_match * len(params):
+    optional = set(model.optional_checkpoint_keys())
+    missing = [k for k in params if k not in to_load]
+    structural = [k for k in missing if k not in optional]
+    extra = [k for k, why in report.dropped.items() if why == 'not a parameter of this model']
+    if matched and (structural or extra or shape_errors) and strict is False:
+        problems = []
+        if structural:
+            problems.append(f'{len(structural)} model parameters have no tensor (e.g. {structural[:3]})')
+        if extra:
+            problems.append(f'{len(extra)} checkpoint tensors have no place in the model (e.g. {extra[:3]})')
+        if shape_errors:
+            problems.append(f'shape mismatches: {"; ".join(shape_errors[:3])}')
+        raise CheckpointMismatchError(
+            f'the checkpoint ({fmt} layout) does not match {name}(arch={getattr(model, "arch_name", "?")}): '
+            + '; '.join(problems) + '. Is it another variant? Build the backbone with the arch the checkpoint '
+            'was trained with (or call load_pretrained(..., strict=None) to load what fits).')
+    if strict is not None and matched < min_match * len(params):
         detail = '; '.join(shape_errors[:3])
         raise CheckpointMismatchError(
             f'the checkpoint does not fit {name}(arch={getattr(model, "arch_name", "?")}): only {matched} of '
@@ -71,7 +91,7 @@ def load_pretrained(model: nn.Module,
             + 'Is it a checkpoint of another model or another variant? Pass the matching arch.')
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
-    report.missing = [k for k in params if k not in to_load]
+    report.missing = missing
     if strict and report.missing:
         raise CheckpointMismatchError(f'{name}: the checkpoint lacks {report.missing}')
     if logger is not None:

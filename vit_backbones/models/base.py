@@ -169,6 +169,10 @@ class BaseBackbone(BaseModule):
         """Rename a foreign state dict to ours: returns (state_dict, format name, {dropped key: reason})."""
         raise NotImplementedError
 
+    def optional_checkpoint_keys(self) -> List[str]:
+        """Parameters a classification checkpoint need not provide (they keep their initialisation)."""
+        return []
+
     def resize_checkpoint_tensor(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
         """Resample a checkpoint tensor whose shape depends on window/grid size; None if not resizable."""
         return None

@@ -250,6 +250,10 @@ class Swin(BaseBackbone):
         return tuple(outs)
 
     # ------------------------------------------------------------------ checkpoints
+    def optional_checkpoint_keys(self):
+        # classification checkpoints have no per-level output norms
+        return [k for k, _ in self.named_parameters() if re.match(r'norm\d+\.', k)]
+
     def resize_checkpoint_tensor(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
         if key.endswith('rel_pos.relative_position_bias_table'):
             module = self.get_submodule(key.rsplit('.', 1)[0])
@@ -258,8 +262,7 @@ class Swin(BaseBackbone):
 
     def convert_checkpoint(self, sd: Dict[str, torch.Tensor]):
         sd = strip_prefix(sd, ('backbone.', ))
-        if any(k.startswith('swin.') for k in sd):
-            sd = {k[len('swin.'):]: v for k, v in sd.items() if k.startswith('swin.')}
+        sd = {k[len('swin.'):] if k.startswith('swin.') else k: v for k, v in sd.items()}  # HF task models
         keys = set(sd)
         if any('rel_pos.relative_position_bias_table' in k for k in keys) and any(k.startswith('stages.') for k in keys):
             return self._from_ours(sd)

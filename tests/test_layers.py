@@ -1,0 +1,155 @@
+"""Shared layers, checked against their definitions."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_backbones.layers import (Attention, DropPath, PatchEmbed, RelativePositionBias, drop_path_schedule, nchw_to_nlc,
+                                  nlc_to_nchw, pad_to_window, relative_position_index, resample_abs_pos_embed,
+                                  resize_rel_pos_table, scaled_dot_product, shifted_window_mask, window_partition,
+                                  window_reverse)
+
+
+def _naive_attention(q, k, v, bias, scale):
+    s = torch.einsum('bhnd,bhmd->bhnm', q, k) * scale
+    if bias is not None:
+        s = s + bias
+    return torch.einsum('bhnm,bhmd->bhnd', s.softmax(-1), v)
+
+
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_scaled_dot_product_matches_definition(with_bias):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 3, 10, 10, generator=g) if with_bias else None
+    ref = _naive_attention(q, k, v, bias, 0.3)
+    fused = scaled_dot_product(q, k, v, bias, scale=0.3)
+    exact, attn = scaled_dot_product(q, k, v, bias, scale=0.3, return_attn=True)
+    assert torch.allclose(fused, ref, atol=1e-5)
+    assert torch.allclose(exact, ref, atol=1e-5)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 3, 10), atol=1e-6)
+
+
+def test_attention_module_matches_manual_heads():
+    torch.manual_seed(0)
+    attn = Attention(16, 4).eval()
+    x = torch.randn(2, 7, 16)
+    qkv = attn.qkv(x).reshape(2, 7, 3, 4, 4)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    ref = _naive_attention(q, k, v, None, 4**-0.5).transpose(1, 2).reshape(2, 7, 16)
+    assert torch.allclose(attn(x), attn.proj(ref), atol=1e-5)
+
+
+def test_window_partition_roundtrip_and_order():
+    x = torch.arange(2 * 6 * 9 * 3, dtype=torch.float32).reshape(2, 6, 9, 3)
+    w = window_partition(x, (3, 3))
+    assert w.shape == (2, 6, 9, 3)
+    # window 1 of image 0 is rows 0..2, cols 3..5
+    assert torch.equal(w[0, 1].reshape(3, 3, 3), x[0, 0:3, 3:6])
+    assert torch.equal(window_reverse(w, (3, 3), (6, 9)), x)
+
+
+def test_pad_to_window():
+    x = torch.ones(1, 5, 8, 2)
+    y, pad = pad_to_window(x, (7, 7))
+    assert pad == (2, 6) and y.shape == (1, 7, 14, 2)
+    assert y[:, 5:].abs().sum() == 0 and y[:, :, 8:].abs().sum() == 0 and y[:, :5, :8].sum() == 5 * 8 * 2
+
+
+@pytest.mark.parametrize('hw,ws,shift', [((14, 14), 7, 3), ((14, 21), 7, 3), ((8, 12), 4, 2), ((7, 7), 7, 3)])
+def test_shift_mask_matches_wraparound_definition(hw, ws, shift):
+    """After a cyclic shift by -s, position p came from (p + s) mod H: it wrapped iff p >= H - s.
+    Two tokens of a window may attend iff they agree on wrapping in both axes."""
+    h, w = hw
+    mask = shifted_window_mask(hw, (ws, ws), (shift, shift), torch.device('cpu'), torch.float32)
+    rows = torch.arange(h)[:, None].expand(h, w)
+    cols = torch.arange(w)[None, :].expand(h, w)
+    wrap = torch.stack([(rows >= h - shift), (cols >= w - shift)], -1).float()[None]
+    wins = window_partition(wrap, (ws, ws))[0]  # nW, N, 2
+    differ = (wins[:, :, None, :] != wins[:, None, :, :]).any(-1)
+    assert torch.equal(mask == -100, differ)
+    assert set(mask.unique().tolist()) <= {0., -100.}
+    # cached: same object on a second call
+    assert shifted_window_mask(hw, (ws, ws), (shift, shift), torch.device('cpu'), torch.float32) is mask
+
+
+def test_relative_position_index_brute_force():
+    for window, table in [((3, 4), None), ((2, 3), (4, 5))]:
+        tw = table or window
+        idx = relative_position_index(window, table)
+        pos = list(itertools.product(range(window[0]), range(window[1])))
+        for i, (a, b) in enumerate(pos):
+            for j, (c, d) in enumerate(pos):
+                assert idx[i, j] == (a - c + tw[0] - 1) * (2 * tw[1] - 1) + (b - d + tw[1] - 1)
+
+
+def test_relative_position_bias_subwindow_uses_central_offsets():
+    torch.manual_seed(0)
+    rpb = RelativePositionBias(2, (7, 7))
+    full = rpb()
+    assert full.shape == (2, 49, 49)
+    small = rpb((3, 3))
+    # offset (0, 0) and (1, 1) have the same bias in both windows
+    assert torch.equal(small[:, 0, 0], full[:, 0, 0])
+    assert torch.equal(small[:, 0, 4], full[:, 0, 8])  # (0,0)->(1,1): index 4 in 3x3, 8 in 7x7
+
+
+def test_resize_rel_pos_table():
+    table = torch.full((13 * 13, 3), 0.25)
+    out = resize_rel_pos_table(table, (7, 7), (12, 12))
+    assert out.shape == (23 * 23, 3)
+    assert torch.allclose(out, torch.full_like(out, 0.25), atol=1e-6)  # constants stay constant
+    ramp = torch.linspace(-1, 1, 13).repeat_interleave(13)[:, None].repeat(1, 2)
+    out = resize_rel_pos_table(ramp, (7, 7), (12, 12)).reshape(23, 23, 2)
+    assert (out[1:, :, 0] >= out[:-1, :, 0] - 1e-6).all()  # monotone along the ramp axis
+    with pytest.raises(ValueError, match='rows'):
+        resize_rel_pos_table(torch.zeros(10, 3), (7, 7), (12, 12))
+
+
+def test_resample_abs_pos_embed_keeps_prefix_and_dtype():
+    torch.manual_seed(0)
+    pos = torch.randn(1, 2 + 14 * 14, 8).to(torch.bfloat16)
+    out = resample_abs_pos_embed(pos, (20, 17), num_prefix_tokens=2)
+    assert out.shape == (1, 2 + 20 * 17, 8) and out.dtype == torch.bfloat16
+    assert torch.equal(out[:, :2], pos[:, :2])
+    ref = F.interpolate(pos[:, 2:].float().reshape(1, 14, 14, 8).permute(0, 3, 1, 2), size=(20, 17), mode='bicubic',
+                        align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, 8)
+    assert torch.allclose(out[:, 2:].float(), ref, atol=1e-2)
+    assert resample_abs_pos_embed(pos, (14, 14), num_prefix_tokens=2) is pos
+    with pytest.raises(ValueError, match='not square'):
+        resample_abs_pos_embed(torch.zeros(1, 15, 4), (4, 4))
+
+
+@pytest.mark.parametrize('kernel,stride,pad', [(4, 4, 0), (16, 16, 0), (7, 4, 3), (3, 2, 1)])
+@pytest.mark.parametrize('hw', [(224, 224), (511, 511), (112, 137), (33, 45)])
+def test_patch_embed_output_is_ceil(kernel, stride, pad, hw):
+    pe = PatchEmbed(3, 8, kernel, stride, pad)
+    out = pe(torch.randn(1, 3, *hw))
+    assert out.shape == (1, -(-hw[0] // stride), -(-hw[1] // stride), 8)
+
+
+def test_drop_path():
+    torch.manual_seed(0)
+    dp = DropPath(0.5)
+    x = torch.ones(1000, 4)
+    dp.eval()
+    assert torch.equal(dp(x), x)
+    dp.train()
+    y = dp(x)
+    rows = set(y[:, 0].tolist())
+    assert rows == {0.0, 2.0}
+    assert (y == y[:, :1]).all()  # whole samples are dropped
+    assert 0.4 < (y[:, 0] == 0).float().mean() < 0.6
+    sched = drop_path_schedule(0.3, (2, 2))
+    assert [len(s) for s in sched] == [2, 2]
+    assert sum(sched, []) == pytest.approx([0, .1, .2, .3])
+
+
+def test_nlc_nchw_roundtrip():
+    x = torch.randn(2, 5, 3, 4)
+    t, hw = nchw_to_nlc(x)
+    assert t.shape == (2, 12, 5) and hw == (3, 4)
+    assert torch.equal(nlc_to_nchw(t, hw), x)
+    with pytest.raises(ValueError, match='grid'):
+        nlc_to_nchw(t, (3, 5))
