@@ -236,7 +236,13 @@ def test_safe_globals_list_is_exact_and_idempotent():
 
 
 def test_runner_checkpoint_contains_only_allowed_globals(runner_ckpt):
+    # In a fresh process nothing is allow-listed yet, so torch lists every non-default global.
+    proc = _python(f"""
+        import torch
+        print(sorted(torch.serialization.get_unsafe_globals_in_checkpoint({runner_ckpt!r})))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unsafe = set(eval(proc.stdout.strip().splitlines()[-1]))
     allowed = {e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}' for e in mmengine_safe_globals()}
-    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(runner_ckpt))
-    assert unsafe, 'mmengine checkpoints do contain non-tensor globals'
+    assert {'mmengine.logging.history_buffer.HistoryBuffer', 'builtins.getattr', 'numpy.ndarray'} <= unsafe
     assert unsafe <= allowed, unsafe - allowed

@@ -70,6 +70,13 @@ def load_pretrained(model: nn.Module,
     missing = [k for k in params if k not in to_load]
     structural = [k for k in missing if k not in optional]
     extra = [k for k, why in report.dropped.items() if why == 'not a parameter of this model']
+    if strict is not None and matched < min_match * len(params):
+        detail = '; '.join(shape_errors[:3])
+        raise CheckpointMismatchError(
+            f'the checkpoint does not fit {name}(arch={getattr(model, "arch_name", "?")}): only {matched} of '
+            f'{len(params)} parameters found a tensor (recognised layout: {fmt}). '
+            + (f'Shape mismatches: {detail}. ' if detail else '')
+            + 'Is it a checkpoint of another model or another variant? Pass the matching arch.')
     if matched and (structural or extra or shape_errors) and strict is False:
         problems = []
         if structural:
@@ -82,13 +89,6 @@ def load_pretrained(model: nn.Module,
             f'the checkpoint ({fmt} layout) does not match {name}(arch={getattr(model, "arch_name", "?")}): '
             + '; '.join(problems) + '. Is it another variant? Build the backbone with the arch the checkpoint '
             'was trained with (or call load_pretrained(..., strict=None) to load what fits).')
-    if strict is not None and matched < min_match * len(params):
-        detail = '; '.join(shape_errors[:3])
-        raise CheckpointMismatchError(
-            f'the checkpoint does not fit {name}(arch={getattr(model, "arch_name", "?")}): only {matched} of '
-            f'{len(params)} parameters found a tensor (recognised layout: {fmt}). '
-            + (f'Shape mismatches: {detail}. ' if detail else '')
-            + 'Is it a checkpoint of another model or another variant? Pass the matching arch.')
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     report.missing = missing

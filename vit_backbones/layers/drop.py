@@ -34,7 +34,8 @@ def drop_path_schedule(drop_path_rate: float, depths: Sequence[int]) -> List[Lis
     Returns one list per stage, e.g. ``depths=(2, 2)`` and rate 0.3 gives ``[[0, .1], [.2, .3]]``.
     """
     total = sum(depths)
-    rates = torch.linspace(0, drop_path_rate, total).tolist() if total > 1 else [drop_path_rate] * total
+    # plain Python, so models can be built on the meta device
+    rates = [drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [drop_path_rate] * total
     out, start = [], 0
     for d in depths:
         out.append(rates[start:start + d])

@@ -268,7 +268,7 @@ class Swin(BaseBackbone):
             return self._from_ours(sd)
         if any('.attn.w_msa.' in k for k in keys):
             return self._from_mmdet(sd)
-        if any(k.startswith(('embeddings.patch_embeddings', 'encoder.layers.')) for k in keys):
+        if any(re.match(r'encoder\.layers\.\d+\.blocks\.\d+\.', k) for k in keys):
             return self._from_hf(sd)
         if any(re.match(r'layers\.\d+\.blocks\.\d+\.attn\.qkv\.weight', k) for k in keys):
             official = any(k.startswith('layers.0.downsample.') for k in keys)
