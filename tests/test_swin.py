@@ -119,13 +119,15 @@ def test_hf_classification_checkpoint_drops_head():
 # ----------------------------------------------------------------------------- parity: mmdet
 def _mmdet_swin(window=7):
     from mmdet.models.backbones import SwinTransformer
-    return SwinTransformer(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=window,
-                           drop_path_rate=0., out_indices=(0, 1, 2, 3))
+    m = SwinTransformer(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=window,
+                        drop_path_rate=0., out_indices=(0, 1, 2, 3))
+    m.eval()  # mmdet's train() override returns None, so eval() cannot be chained
+    return m
 
 
 @pytest.mark.parametrize('hw', [(224, 224), (112, 137), (40, 57)])
 def test_parity_mmdet_swin(hw):
-    mm = _randomize(_mmdet_swin()).eval()
+    mm = _randomize(_mmdet_swin())
     ours = vit_backbones.build_backbone('Swin', SMALL, drop_path_rate=0.).eval()
     sd = {'backbone.' + k: v for k, v in mm.state_dict().items()}  # as in a detector checkpoint
     sd['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
@@ -147,7 +149,7 @@ def test_official_layout_matches_mmdet_converter():
         k = k.replace('stages.', 'layers.').replace('attn.rel_pos.', 'attn.')
         official[k] = v
     official['head.weight'] = torch.zeros(10, 256)
-    mm = _mmdet_swin().eval()
+    mm = _mmdet_swin()
     mm.load_state_dict({k[len('backbone.'):]: v for k, v in swin_converter(official).items() if k.startswith('backbone.')},
                        strict=False)
     ours = vit_backbones.build_backbone('Swin', SMALL, drop_path_rate=0.).eval()

@@ -102,7 +102,9 @@ def output_error(model, size, device, drop_path):
     """max |ours - anchor| (fp32) and max |ours bf16 - ours fp32| / max |ours fp32| (eval)."""
     h, w, b = size
     anchor, ours = shared_weights(model, drop_path)
-    anchor, ours = anchor.to(device).eval(), ours.to(device).eval()
+    anchor, ours = anchor.to(device), ours.to(device)
+    anchor.eval()  # mmdet backbones' train() returns None: no chaining
+    ours.eval()
     x = torch.randn(b, 3, h, w, device=device)
     with torch.no_grad():
         ref, out = anchor(x), ours(x)
