@@ -180,11 +180,8 @@ def tiny_det_config(data_root: str, max_iters: int = 4, ckpt_interval: int = 2, 
         default_scope='mmdet',
         model=model,
         train_dataloader=_loader(train_set, batch_size, train=True),
-        val_dataloader=_loader(val_set, 1, train=False),
         test_dataloader=_loader(val_set, 1, train=False),
-        val_evaluator=evaluator,
         test_evaluator=evaluator,
-        val_cfg=dict(type='ValLoop'),
         test_cfg=dict(type='TestLoop'),
         visualizer=dict(type='DetLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')], name='visualizer'),
         **_common_runtime(max_iters, ckpt_interval, record_dir))
@@ -193,16 +190,19 @@ def tiny_det_config(data_root: str, max_iters: int = 4, ckpt_interval: int = 2, 
 
 
 def tiny_seg_config(data_root: str, max_iters: int = 2, ckpt_interval: int = 2, batch_size: int = 2,
-                    record_dir: Optional[str] = None) -> Config:
-    """An FCN head on an 8-channel-wide ResNetV1c-18 on :func:`make_tiny_seg` data (mmseg)."""
+                    record_dir: Optional[str] = None, backbone: Optional[dict] = None,
+                    backbone_channels: int = 64) -> Config:
+    """An FCN head on one backbone level (default: an 8-channel-wide ResNetV1c-18, stride 32) on
+    :func:`make_tiny_seg` data (mmseg)."""
+    backbone = backbone or dict(type='ResNetV1c', depth=18, stem_channels=8, base_channels=8, num_stages=4,
+                                out_indices=(3, ), norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False,
+                                contract_dilation=True, style='pytorch')
     model = dict(
         type='EncoderDecoder',
         data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
                                bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=(64, 64)),
-        backbone=dict(type='ResNetV1c', depth=18, stem_channels=8, base_channels=8, num_stages=4,
-                      out_indices=(3, ), norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False,
-                      contract_dilation=True, style='pytorch'),
-        decode_head=dict(type='FCNHead', in_channels=64, in_index=0, channels=16, num_convs=1, concat_input=False,
+        backbone=backbone,
+        decode_head=dict(type='FCNHead', in_channels=backbone_channels, in_index=0, channels=16, num_convs=1, concat_input=False,
                          dropout_ratio=0.0, num_classes=3, norm_cfg=dict(type='BN', requires_grad=True),
                          align_corners=False,
                          loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
@@ -230,11 +230,8 @@ def tiny_seg_config(data_root: str, max_iters: int = 2, ckpt_interval: int = 2, 
         default_scope='mmseg',
         model=model,
         train_dataloader=_loader(train_set, batch_size, train=True),
-        val_dataloader=_loader(val_set, 1, train=False),
         test_dataloader=_loader(val_set, 1, train=False),
-        val_evaluator=evaluator,
         test_evaluator=evaluator,
-        val_cfg=dict(type='ValLoop'),
         test_cfg=dict(type='TestLoop'),
         visualizer=dict(type='SegLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')], name='visualizer'),
         **_common_runtime(max_iters, ckpt_interval, record_dir))
@@ -261,8 +258,8 @@ def _unwrap(model):
 class RecordTrainingHook(Hook):
     """Writes, per rank, what the tests need to check a run from outside the process.
 
-    * ``rank{r}_init.pth`` / ``rank{r}_final.pth``: the model's state dict at ``before_train``
-      (after ``load_from`` / resume) and ``after_train``.
+    * ``rank{r}_init.pth`` / ``rank{r}_final.pth``: ``dict(params=..., buffers=...)`` of the model at
+      ``before_train`` (after ``load_from`` / resume) and ``after_train``.
     * ``rank{r}.json``: the image ids (or paths) each iteration trained on, the iterations run,
       and the dtype of the first conv/linear layer's output during training (autocast check).
 
@@ -281,10 +278,14 @@ class RecordTrainingHook(Hook):
         os.makedirs(self.out_dir, exist_ok=True)
         return osp.join(self.out_dir, f'rank{runner.rank}{name}')
 
+    @staticmethod
+    def _snapshot(model) -> dict:
+        return dict(params={k: v.detach().cpu().clone() for k, v in model.named_parameters()},
+                    buffers={k: v.detach().cpu().clone() for k, v in model.named_buffers()})
+
     def before_train(self, runner) -> None:
         model = _unwrap(runner.model)
-        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                   self._path(runner, '_init.pth'))
+        torch.save(self._snapshot(model), self._path(runner, '_init.pth'))
         first = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
         def _dtype_hook(module, inputs, output):
@@ -309,9 +310,7 @@ class RecordTrainingHook(Hook):
     def after_train(self, runner) -> None:
         if self._handle is not None:
             self._handle.remove()
-        model = _unwrap(runner.model)
-        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                   self._path(runner, '_final.pth'))
+        torch.save(self._snapshot(_unwrap(runner.model)), self._path(runner, '_final.pth'))
         self._dump(runner)
 
     def _dump(self, runner) -> None:
