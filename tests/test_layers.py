@@ -153,3 +153,25 @@ def test_nlc_nchw_roundtrip():
     assert torch.equal(nlc_to_nchw(t, hw), x)
     with pytest.raises(ValueError, match='grid'):
         nlc_to_nchw(t, (3, 5))
+
+
+@pytest.mark.parametrize('hw,ws,shift', [((10, 13), 4, 2), ((8, 8), 4, 0), ((7, 9), 7, 3), ((14, 14), 7, 3), ((3, 5), 7, 0)])
+def test_window_gather_equals_pad_roll_partition_with_gradients(hw, ws, shift):
+    from vit_backbones.layers import tokens_to_windows, window_plan, windows_to_tokens
+    torch.manual_seed(0)
+    x = torch.randn(2, hw[0] * hw[1], 5, requires_grad=True)
+    plan = window_plan(hw, (ws, ws), (shift, shift), torch.device('cpu'))
+    fast = tokens_to_windows(x, plan)
+    ref, _ = pad_to_window(x.view(2, *hw, 5), (ws, ws))
+    ref = window_partition(torch.roll(ref, (-shift, -shift), (1, 2)), (ws, ws)).reshape(-1, ws * ws, 5)
+    assert torch.equal(fast, ref)
+    g = torch.randn_like(fast)
+    assert torch.equal(torch.autograd.grad((fast * g).sum(), x)[0], torch.autograd.grad((ref * g).sum(), x)[0])
+    # and back: crop + unshift, with its gradient
+    w = torch.randn_like(fast, requires_grad=True)
+    back = windows_to_tokens(w, plan)
+    ref_back = window_reverse(w.view(2, -1, ws * ws, 5), (ws, ws), plan.padded_hw)
+    ref_back = torch.roll(ref_back, (shift, shift), (1, 2))[:, :hw[0], :hw[1]].reshape(2, -1, 5)
+    assert torch.equal(back, ref_back)
+    gb = torch.randn_like(back)
+    assert torch.equal(torch.autograd.grad((back * gb).sum(), w)[0], torch.autograd.grad((ref_back * gb).sum(), w)[0])

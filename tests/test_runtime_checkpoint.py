@@ -90,16 +90,15 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_mmengine_checkpoint_needs_the_fix_and_loads_after_it(runner_ckpt):
     # Without the call (fresh process: the allow-list is process-wide), mmengine cannot read its own file.
-    # Importing vit_backbones.runtime alone must not change that, only calling the function does.
     proc = _python(f"""
         import torch
         from mmengine.runner import CheckpointLoader
-        import vit_backbones.runtime as rt
         try:
             CheckpointLoader.load_checkpoint({runner_ckpt!r}, map_location='cpu')
             print('LOADED_WITHOUT_FIX')
         except Exception as e:
             print('FAILED_WITHOUT_FIX', type(e).__name__, str(e).splitlines()[0])
+        import vit_backbones.runtime as rt
         rt.allow_mmengine_checkpoints()
         rt.allow_mmengine_checkpoints()  # idempotent
         ckpt = CheckpointLoader.load_checkpoint({runner_ckpt!r}, map_location='cpu')
@@ -246,3 +245,17 @@ def test_runner_checkpoint_contains_only_allowed_globals(runner_ckpt):
     allowed = {e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}' for e in mmengine_safe_globals()}
     assert {'mmengine.logging.history_buffer.HistoryBuffer', 'builtins.getattr', 'numpy.ndarray'} <= unsafe
     assert unsafe <= allowed, unsafe - allowed
+
+
+def test_checkpoints_written_with_numpy1_load(tmp_path):
+    """numpy 1.x pickles name ``numpy.core.multiarray``; numpy 2 writes ``numpy._core.multiarray``."""
+    allow_mmengine_checkpoints()
+    path = tmp_path / 'np1.pth'
+    torch.save({'meta': {'loss': np.float64(1.5), 'counts': np.arange(3, dtype=np.int64)}}, path,
+               _use_new_zipfile_serialization=False)  # one plain pickle stream: names are editable bytes
+    data = path.read_bytes()
+    assert b'numpy._core.multiarray' in data
+    path.write_bytes(data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    meta = torch.load(path)['meta']
+    assert meta['loss'] == 1.5 and isinstance(meta['loss'], np.float64)
+    assert np.array_equal(meta['counts'], [0, 1, 2])

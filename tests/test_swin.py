@@ -101,7 +101,9 @@ def test_parity_hf_swin_model_every_stage(hw):
         h.remove()
     # after each patch merging (HF reshaped_hidden_states 1..3 are post-merging maps)
     for i in range(3):
-        assert _max_diff([ref.reshaped_hidden_states[i + 1]], [merged[i].permute(0, 3, 1, 2)]) < 1e-4
+        tokens, (h, w) = merged[i]  # (B, h*w, C) raster tokens after merging
+        as_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        assert _max_diff([ref.reshaped_hidden_states[i + 1]], [as_map]) < 1e-4
     b, c, h, w = out[3].shape
     last = ref.last_hidden_state.transpose(1, 2).reshape(b, c, h, w)
     assert _max_diff([last], [out[3]]) < 1e-4

@@ -154,6 +154,18 @@ def test_distributed_config_without_cuda(monkeypatch):
         prepare_distributed(cfg, 'ssh')
 
 
+def test_enable_amp_on_cpu():
+    from vit_backbones.runtime import enable_amp
+    cfg = Config(dict(optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1))))
+    assert enable_amp(cfg) == 'BF16AutocastOptimWrapper' and cfg.optim_wrapper.optimizer.type == 'SGD'
+    gpu_cfg = Config(dict(optim_wrapper=dict(type='AmpOptimWrapper', loss_scale=512.0, optimizer=dict(type='SGD'))))
+    assert enable_amp(gpu_cfg) == 'BF16AutocastOptimWrapper' and 'loss_scale' not in gpu_cfg.optim_wrapper
+    with pytest.raises(ValueError, match="only replaces a plain OptimWrapper.*'ApexOptimWrapper'"):
+        enable_amp(Config(dict(optim_wrapper=dict(type='ApexOptimWrapper', optimizer=dict(type='SGD')))))
+    with pytest.raises(KeyError, match='optim_wrapper'):
+        enable_amp(Config(dict()))
+
+
 def test_bf16_autocast_optim_wrapper():
     from mmengine.registry import OPTIM_WRAPPERS
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))

@@ -186,7 +186,9 @@ def enable_amp(cfg: Config) -> str:
 
     On CUDA: mmengine's ``AmpOptimWrapper`` (float16 autocast, dynamic loss scaling), as mmdet's and
     mmseg's ``--amp`` do. Without CUDA: :class:`BF16AutocastOptimWrapper` (bfloat16 autocast on the
-    CPU, no loss scaling). A config whose wrapper already is one of the two is left alone.
+    CPU, no loss scaling); a config written for GPUs with ``AmpOptimWrapper`` is switched to it too,
+    since ``AmpOptimWrapper`` refuses to run without CUDA. Otherwise a config whose wrapper already is
+    one of the two is left alone.
 
     Args:
         cfg: The config; must have ``optim_wrapper``.
@@ -198,12 +200,19 @@ def enable_amp(cfg: Config) -> str:
         raise KeyError('--amp needs an "optim_wrapper" in the config to switch to mixed precision')
     wrapper = cfg.optim_wrapper
     current = wrapper.get('type', 'OptimWrapper')
-    if current in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
+    cuda = torch.cuda.is_available()
+    if current == 'BF16AutocastOptimWrapper' or (current == 'AmpOptimWrapper' and cuda):
         return current
+    if current == 'AmpOptimWrapper':  # no CUDA: AmpOptimWrapper would fail, use bf16 autocast instead
+        for key in ('loss_scale', 'use_fsdp', 'dtype'):
+            wrapper.pop(key, None)
+        wrapper.type = 'BF16AutocastOptimWrapper'
+        wrapper.dtype = 'bfloat16'
+        return wrapper.type
     if current != 'OptimWrapper':
         raise ValueError(f'--amp only replaces a plain OptimWrapper, but the config uses {current!r}; '
                          'set a mixed-precision wrapper in the config instead')
-    if torch.cuda.is_available():
+    if cuda:
         wrapper.type = 'AmpOptimWrapper'
         wrapper.loss_scale = 'dynamic'
     else:

@@ -7,11 +7,13 @@ from .mlp import Mlp
 from .patch_embed import PatchEmbed
 from .pos_embed import resample_abs_pos_embed
 from .rel_pos import RelativePositionBias, relative_position_index, resize_rel_pos_table, window_from_table_len
-from .window import pad_to_window, shifted_window_mask, window_partition, window_reverse
+from .window import (WindowPlan, pad_to_window, shifted_window_mask, tokens_to_windows, window_partition, window_plan,
+                     window_reverse, windows_to_tokens)
 
 __all__ = [
     'Attention', 'scaled_dot_product', 'DropPath', 'drop_path', 'drop_path_schedule', 'make_drop_path',
     'nchw_to_nhwc', 'nchw_to_nlc', 'nhwc_to_nchw', 'nlc_to_nchw', 'LayerScale', 'Mlp', 'PatchEmbed',
     'resample_abs_pos_embed', 'RelativePositionBias', 'relative_position_index', 'resize_rel_pos_table',
-    'window_from_table_len', 'pad_to_window', 'shifted_window_mask', 'window_partition', 'window_reverse'
+    'window_from_table_len', 'pad_to_window', 'shifted_window_mask', 'window_partition', 'window_reverse',
+    'WindowPlan', 'window_plan', 'tokens_to_windows', 'windows_to_tokens'
 ]

@@ -62,3 +62,76 @@ def shifted_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tup
     win = window_partition(region, window).squeeze(0).squeeze(-1)  # (nW, N)
     mask = win.unsqueeze(1) - win.unsqueeze(2)
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, fill)
+
+
+class WindowPlan:
+    """Index maps between a raster token sequence (B, H*W, C) and (shifted, padded) windows.
+
+    ``gather`` holds, for every window slot, the raster index of its token (padding slots point to
+    token 0 and are listed in ``pad_slots``); ``scatter`` holds, for every raster token, its window
+    slot. Padding, cyclic shift and partition (and their inverses) thereby become one gather each way,
+    and the backward of each is the other gather.
+    """
+
+    def __init__(self, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], device: torch.device):
+        h, w = hw
+        wh, ww = window
+        hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+        self.hw, self.window, self.padded_hw = (h, w), (wh, ww), (hp, wp)
+        self.num_windows = (hp // wh) * (wp // ww)
+        # window slot -> coordinates in the shifted padded map -> source coordinates (the shift is a roll by -s)
+        r = torch.arange(hp).view(hp // wh, wh)
+        c = torch.arange(wp).view(wp // ww, ww)
+        rr = r[:, None, :, None].expand(hp // wh, wp // ww, wh, ww).reshape(-1)
+        cc = c[None, :, None, :].expand(hp // wh, wp // ww, wh, ww).reshape(-1)
+        src_r, src_c = (rr + shift[0]) % hp, (cc + shift[1]) % wp
+        valid = (src_r < h) & (src_c < w)
+        gather = torch.where(valid, src_r * w + src_c, torch.zeros_like(src_r))
+        scatter = torch.empty(h * w, dtype=torch.long)
+        scatter[gather[valid]] = torch.nonzero(valid).squeeze(1)
+        self.gather = gather.to(device)
+        self.scatter = scatter.to(device)
+        self.pad_slots = torch.nonzero(~valid).squeeze(1).to(device) if not valid.all() else None
+
+
+@lru_cache(maxsize=64)
+def window_plan(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], device: torch.device) -> WindowPlan:
+    """Cached :class:`WindowPlan` for a map size, window and shift."""
+    return WindowPlan(hw, window, shift, device)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, zero_slots) -> torch.Tensor:
+    out = x.index_select(1, index)
+    if zero_slots is not None:
+        out.index_fill_(1, zero_slots, 0)
+    return out
+
+
+class _TokenGather(torch.autograd.Function):
+    """out = x[:, index] with ``zero_slots`` of out set to 0. Every source token lands in exactly one
+    non-zero slot, so the gradient is again a gather (``back_index``, zeroing ``back_zero_slots``)
+    rather than a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, index, zero_slots, back_index, back_zero_slots):
+        ctx.back_index, ctx.back_zero_slots = back_index, back_zero_slots
+        return _take(x, index, zero_slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _take(grad, ctx.back_index, ctx.back_zero_slots), None, None, None, None
+
+
+def tokens_to_windows(x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """(B, H*W, C) raster tokens -> (B * num_windows, N, C) windows (zero tokens in the padding)."""
+    b, _, c = x.shape
+    out = _TokenGather.apply(x, plan.gather, plan.pad_slots, plan.scatter, None)
+    return out.view(b * plan.num_windows, plan.window[0] * plan.window[1], c)
+
+
+def windows_to_tokens(windows: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """(B * num_windows, N, C) windows -> (B, H*W, C) raster tokens (padding dropped, shift undone)."""
+    c = windows.shape[-1]
+    b = windows.shape[0] // plan.num_windows
+    y = windows.reshape(b, -1, c)
+    return _TokenGather.apply(y, plan.scatter, None, plan.gather, plan.pad_slots)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import (Attention, Mlp, PatchEmbed, RelativePositionBias, drop_path_schedule, make_drop_path,
-                      pad_to_window, scaled_dot_product, shifted_window_mask, window_partition, window_reverse)
+                      scaled_dot_product, shifted_window_mask, tokens_to_windows, window_plan, windows_to_tokens)
 from ..registry import register_backbone
 from .base import BaseBackbone, resolve_arch
 
@@ -22,7 +22,8 @@ from .base import BaseBackbone, resolve_arch
 class WindowAttention(Attention):
     """Multi-head attention inside windows with a learned relative position bias.
 
-    ``forward(x, window, mask)`` takes windows (B, nW, N, C) and an optional shift mask (nW, N, N).
+    ``forward(x, window, mask)`` takes windows (B*nW, N, C) and an optional shift mask (nW, N, N).
+    q, k and v stay strided views of the fused projection (the SDPA CPU kernel reads them in place).
     """
 
     def __init__(self, dim: int, num_heads: int, window: Tuple[int, int], **kwargs):
@@ -30,25 +31,18 @@ class WindowAttention(Attention):
         self.rel_pos = RelativePositionBias(num_heads, window)
 
     def forward(self, x: torch.Tensor, window: Tuple[int, int], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, nw, n, c = x.shape
-        heads, d = self.num_heads, self.head_dim
-        bias = self.rel_pos(window)  # (heads, N, N)
-        drop = self.attn_drop if self.training else 0.
-        if mask is None:
-            q, k, v = self.split_heads(x.reshape(b * nw, n, c))  # (B*nW, heads, N, d)
-            out = scaled_dot_product(q, k, v, bias, drop, self.scale)
-            out = out.transpose(1, 2).reshape(b, nw, n, c)
-        else:
-            # windows x heads form one axis, so the per-window mask broadcasts over the batch
-            q, k, v = (t.reshape(b, nw * heads, n, d) for t in self.split_heads(x))
-            bias = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nw * heads, n, n)
-            out = scaled_dot_product(q, k, v, bias, drop, self.scale)
-            out = out.reshape(b, nw, heads, n, d).transpose(2, 3).reshape(b, nw, n, c)
-        return self.proj_drop(self.proj(out))
+        bw, n, c = x.shape
+        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
+        bias = self.rel_pos(window).unsqueeze(0)  # (1, heads, N, N): 4-D keeps the fused CPU kernel
+        if mask is not None:  # per-window shift mask, repeated over the batch
+            nw = mask.shape[0]
+            bias = (bias + mask.unsqueeze(1)).unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, -1, n, n)
+        out = scaled_dot_product(q, k, v, bias, self.attn_drop if self.training else 0., self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
 class SwinBlock(nn.Module):
-    """(Shifted-)window attention + MLP, pre-norm residual, on NHWC maps."""
+    """(Shifted-)window attention + MLP, pre-norm residual, on raster tokens (B, H*W, C)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
@@ -66,28 +60,19 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, _ = x.shape
+    def _attend(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         ws, shift = self.window_size, self.shift_size
-        if self.clamp_window and min(h, w) <= ws:
+        if self.clamp_window and min(hw) <= ws:
             # the classification model's rule: one window covers the map, no shift
-            ws, shift = min(h, w), 0
+            ws, shift = min(hw), 0
         window = (ws, ws)
-        x, (ph, pw) = pad_to_window(x, window)
-        hp, wp = h + ph, w + pw
-        mask = None
-        if shift:
-            x = torch.roll(x, (-shift, -shift), (1, 2))
-            mask = shifted_window_mask((hp, wp), window, (shift, shift), x.device, torch.float32)
-        x = window_reverse(self.attn(window_partition(x, window), window, mask), window, (hp, wp))
-        if shift:
-            x = torch.roll(x, (shift, shift), (1, 2))
-        if ph or pw:
-            x = x[:, :h, :w, :]
-        return x
+        # pad (bottom/right) -> cyclic shift -> partition, as one cached gather
+        plan = window_plan(tuple(hw), window, (shift, shift), x.device)
+        mask = shifted_window_mask(plan.padded_hw, window, (shift, shift), x.device, torch.float32) if shift else None
+        return windows_to_tokens(self.attn(tokens_to_windows(x, plan), window, mask), plan)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self._attend(self.norm1(x)))
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self._attend(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -102,13 +87,16 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, out_dim or 2 * dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(B, H*W, C) tokens -> (B, ceil(H/2)*ceil(W/2), 2C) tokens and the new grid."""
+        b, _, c = x.shape
+        h, w = hw
+        x = x.view(b, h, w, c)
         if h % 2 or w % 2:
             x = nn.functional.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.reduction(self.norm(x))
+        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+        return self.reduction(self.norm(x)), (h // 2, w // 2)
 
 
 class SwinStage(nn.Module):
@@ -237,16 +225,20 @@ class Swin(BaseBackbone):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self.check_input(x)
         x = self.pos_drop(self.patch_embed(x))
+        b, h, w, c = x.shape
+        hw = (h, w)
+        x = x.reshape(b, h * w, c)
         outs = []
         for i, stage in enumerate(self.stages):
             for blk in stage.blocks:
-                x = self.run_block(blk, x)
+                x = self.run_block(blk, x, hw)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(out.view(b, *hw, -1).permute(0, 3, 1, 2).contiguous())
             if stage.downsample is not None:
                 if i >= max(self.out_indices):
                     break
-                x = stage.downsample(x)
+                x, hw = stage.downsample(x, hw)
         return tuple(outs)
 
     # ------------------------------------------------------------------ checkpoints

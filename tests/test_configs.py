@@ -1,0 +1,191 @@
+"""The configs in configs/ build their models through the OpenMMLab registries, carry the published
+recipes, and the demo configs train one step and predict on tiny synthetic data."""
+import glob
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.utils import import_modules_from_strings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, 'configs')
+ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')) + glob.glob(os.path.join(CONFIG_DIR, 'demo', '*.py')))
+NO_DECAY = {'absolute_pos_embed', 'relative_position_bias_table', 'norm'}
+
+
+def _load(name):
+    return Config.fromfile(os.path.join(CONFIG_DIR, name))
+
+
+def _build_model(cfg):
+    """Build ``cfg.model`` in the config's scope, importing what ``custom_imports`` names."""
+    import_modules_from_strings(**cfg.custom_imports)
+    init_default_scope(cfg.default_scope)
+    if cfg.default_scope == 'mmdet':
+        from mmdet.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    return MODELS.build(cfg.model)
+
+
+def test_every_config_is_covered():
+    names = sorted(os.path.relpath(p, CONFIG_DIR) for p in ALL_CONFIGS)
+    assert names == ['demo/mask_rcnn_swin_t_synthetic.py', 'demo/upernet_swin_t_synthetic.py',
+                     'mask_rcnn_swin_t.py', 'upernet_swin_t_ade20k.py']
+
+
+@pytest.mark.parametrize('path', ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
+def test_config_builds_model_with_our_swin(path):
+    from vit_backbones import get_backbone_class
+    cfg = Config.fromfile(path)
+    assert cfg.custom_imports == dict(imports=['vit_backbones'], allow_failed_imports=False)
+    assert cfg.model.backbone.type == 'Swin' and cfg.model.backbone.arch == 'tiny'
+    model = _build_model(cfg)
+    assert isinstance(model.backbone, get_backbone_class('Swin'))
+    assert sum(p.numel() for p in model.backbone.parameters()) == pytest.approx(27.5e6, rel=0.02)
+    model.eval()
+    with torch.no_grad():
+        feats = model.extract_feat(torch.rand(1, 3, 96, 128))
+    if cfg.default_scope == 'mmdet':  # FPN: five 256-channel levels, strides 4..64
+        assert [tuple(f.shape) for f in feats] == [(1, 256, 24, 32), (1, 256, 12, 16), (1, 256, 6, 8),
+                                                    (1, 256, 3, 4), (1, 256, 2, 2)]
+    else:  # backbone maps straight into UperNet: Swin-T channels, strides 4..32
+        assert [tuple(f.shape) for f in feats] == [(1, 96, 24, 32), (1, 192, 12, 16), (1, 384, 6, 8),
+                                                    (1, 768, 3, 4)]
+
+
+def test_mask_rcnn_recipe():
+    cfg = _load('mask_rcnn_swin_t.py')
+    assert cfg.default_scope == 'mmdet'
+    assert cfg.model.type == 'MaskRCNN'
+    bb = cfg.model.backbone
+    assert bb.drop_path_rate == 0.2 and tuple(bb.out_indices) == (0, 1, 2, 3)
+    assert bb.init_cfg == dict(type='Pretrained', checkpoint='checkpoints/swin_tiny_patch4_window7_224.pth')
+    assert cfg.model.neck.type == 'FPN' and cfg.model.neck.in_channels == [96, 192, 384, 768]
+    assert cfg.model.roi_head.bbox_head.num_classes == 80 == cfg.model.roi_head.mask_head.num_classes
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.train_dataloader.dataset.data_root == 'data/coco/'
+    assert cfg.train_dataloader.dataset.ann_file == 'annotations/instances_train2017.json'
+    assert cfg.val_evaluator.type == 'CocoMetric' and cfg.val_evaluator.metric == ['bbox', 'segm']
+    assert cfg.train_cfg.type == 'EpochBasedTrainLoop' and cfg.train_cfg.max_epochs == 12
+    steps = [s for s in cfg.param_scheduler if s.type == 'MultiStepLR']
+    assert len(steps) == 1 and steps[0].milestones == [8, 11] and steps[0].by_epoch
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 1e-4, 0.05)
+    keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
+    assert set(keys) == NO_DECAY and all(v['decay_mult'] == 0.0 for v in keys.values())
+
+
+def test_upernet_recipe():
+    cfg = _load('upernet_swin_t_ade20k.py')
+    assert cfg.default_scope == 'mmseg'
+    assert cfg.model.type == 'EncoderDecoder'
+    assert cfg.model.backbone.drop_path_rate == 0.3
+    assert cfg.model.backbone.init_cfg.checkpoint == 'checkpoints/swin_tiny_patch4_window7_224.pth'
+    assert cfg.model.decode_head.type == 'UPerHead' and cfg.model.decode_head.in_channels == [96, 192, 384, 768]
+    aux = cfg.model.auxiliary_head
+    assert aux.type == 'FCNHead' and aux.in_index == 2 and aux.in_channels == 384
+    assert cfg.model.decode_head.num_classes == 150 == aux.num_classes
+    assert cfg.crop_size == (512, 512) and cfg.model.data_preprocessor.size == (512, 512)
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.train_dataloader.dataset.type == 'ADE20KDataset'
+    assert cfg.train_cfg.type == 'IterBasedTrainLoop' and cfg.train_cfg.max_iters == 160000
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 6e-5, 0.01)
+    assert set(cfg.optim_wrapper.paramwise_cfg.custom_keys) == NO_DECAY
+    warm, poly = cfg.param_scheduler
+    assert warm.type == 'LinearLR' and (warm.begin, warm.end) == (0, 1500)
+    assert poly.type == 'PolyLR' and (poly.begin, poly.end, poly.power) == (1500, 160000, 1.0)
+
+
+@pytest.mark.parametrize('name, base', [('demo/mask_rcnn_swin_t_synthetic.py', 'mask_rcnn_swin_t.py'),
+                                        ('demo/upernet_swin_t_synthetic.py', 'upernet_swin_t_ade20k.py')])
+def test_demo_config_is_the_same_network_without_pretrained_weights(name, base):
+    demo, full = _load(name), _load(base)
+    assert demo.model.backbone.init_cfg is None
+    assert demo.train_cfg.type == 'IterBasedTrainLoop'
+    assert demo.model.type == full.model.type
+    if demo.default_scope == 'mmdet':
+        assert demo.model.neck == full.model.neck
+        assert demo.model.roi_head.bbox_head.fc_out_channels == full.model.roi_head.bbox_head.fc_out_channels
+        assert demo.model.roi_head.bbox_head.num_classes == len(demo.metainfo['classes']) == 3
+        assert demo.train_dataloader.dataset.data_root == 'data/synthetic_coco/'
+    else:
+        assert demo.model.decode_head.channels == full.model.decode_head.channels
+        assert demo.model.decode_head.num_classes == len(demo.metainfo['classes']) == 4
+        assert demo.train_dataloader.dataset.data_root == 'data/synthetic_ade/'
+        assert demo.train_dataloader.dataset.reduce_zero_label is True
+
+
+def _set_size(cfg, size):
+    """Shrink every resize / crop of the demo pipelines to ``size`` (keeps the tests fast)."""
+    found = 0
+    for loader in ('train_dataloader', 'val_dataloader'):
+        for step in cfg[loader].dataset.pipeline:
+            if step.type in ('Resize', 'RandomResize'):
+                step.scale, found = size, found + 1
+            elif step.type == 'RandomCrop':
+                step.crop_size, found = size, found + 1
+    assert found >= 2
+
+
+def _tiny_run(cfg, work_dir, data_root, ann_file=None):
+    """Train one iteration then validate (which predicts on every val image)."""
+    from mmengine.runner import Runner
+    cfg.work_dir = str(work_dir)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = data_root
+    if ann_file is not None:
+        cfg.val_evaluator.ann_file = ann_file
+        cfg.test_evaluator.ann_file = ann_file
+    cfg.train_cfg.max_iters = 1
+    cfg.train_cfg.val_interval = 1
+    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=1)]
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=-1, save_last=False)
+    runner = Runner.from_cfg(cfg)
+    before = {k: v.detach().clone() for k, v in runner.model.named_parameters()}
+    runner.train()
+    changed = [k for k, v in runner.model.named_parameters() if not torch.equal(v, before[k])]
+    return runner, changed
+
+
+def test_mask_rcnn_demo_config_trains_and_predicts(tmp_path):
+    from mmengine.dataset import pseudo_collate
+    from vit_backbones.data import make_coco_instances
+    root = str(tmp_path / 'coco') + os.sep
+    paths = make_coco_instances(root, num_train=2, num_val=1, image_size=(96, 96), seed=0)
+    cfg = _load('demo/mask_rcnn_swin_t_synthetic.py')
+    _set_size(cfg, (96, 96))
+    runner, changed = _tiny_run(cfg, tmp_path / 'work', root, paths['val_ann'])
+    assert any(k.startswith('backbone.') for k in changed), 'the backbone was not updated by the step'
+    assert any(k.startswith('roi_head.mask_head') for k in changed)
+    runner.model.eval()
+    with torch.no_grad():
+        sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
+    pred = sample.pred_instances
+    assert pred.bboxes.shape[1] == 4 and len(pred) <= 20
+    assert tuple(pred.masks.shape[1:]) == (96, 96)
+    assert ((pred.labels >= 0) & (pred.labels < 3)).all()
+
+
+def test_upernet_demo_config_trains_and_predicts(tmp_path):
+    from mmengine.dataset import pseudo_collate
+    from vit_backbones.data import make_ade_like
+    root = str(tmp_path / 'ade') + os.sep
+    make_ade_like(root, num_train=2, num_val=1, image_size=(96, 96), seed=0)
+    cfg = _load('demo/upernet_swin_t_synthetic.py')
+    cfg.model.data_preprocessor.size = (96, 96)
+    _set_size(cfg, (96, 96))
+    runner, changed = _tiny_run(cfg, tmp_path / 'work', root)
+    assert any(k.startswith('backbone.') for k in changed)
+    assert any(k.startswith('decode_head.') for k in changed)
+    runner.model.eval()
+    with torch.no_grad():
+        sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
+    seg = sample.pred_sem_seg.data
+    assert tuple(seg.shape) == (1, 96, 96)
+    assert int(seg.min()) >= 0 and int(seg.max()) < 4
+    gt = sample.gt_sem_seg.data
+    assert set(gt.unique().tolist()) <= {0, 1, 2, 3, 255} and 255 in gt.unique().tolist()
