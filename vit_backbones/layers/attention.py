@@ -12,6 +12,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       dropout_p: float = 0., scale: Optional[float] = None, return_attn: bool = False):
+    """softmax(q k^T * scale + bias) v with batched matmuls, materialising the attention matrix.
+
+    The bias is written once into the score buffer and q k^T is accumulated onto it in place
+    (``baddbmm_``), so adding the bias costs no extra pass; the softmax is the plain one.
+    """
+    *lead, n, d = q.shape
+    m = k.shape[-2]
+    scale = d**-0.5 if scale is None else scale
+    dtype = torch.get_autocast_dtype('cpu') if (q.device.type == 'cpu' and torch.is_autocast_enabled('cpu')) else q.dtype
+    if q.device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
+        dtype = torch.get_autocast_dtype('cuda')
+    q3, k3, v3 = (t.to(dtype).reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+    if bias is None:
+        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
+    else:
+        scores = torch.empty(q3.shape[0], n, m, dtype=dtype, device=q.device)
+        scores.view(*lead, n, m).copy_(bias.expand(*lead, n, m))
+        scores = scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
+    attn = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p)
+    out = torch.bmm(attn, v3).view(*lead, n, v.shape[-1])
+    if return_attn:
+        return out, attn.view(*lead, n, m)
+    return out
+
+
 def scaled_dot_product(q: torch.Tensor,
                        k: torch.Tensor,
                        v: torch.Tensor,
@@ -21,24 +50,26 @@ def scaled_dot_product(q: torch.Tensor,
                        return_attn: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale + bias) v.
 
+    Without gradients this is ``F.scaled_dot_product_attention`` (the fused kernel, reading strided
+    q/k/v in place). When gradients flow (training), or the attention matrix is wanted, it is
+    :func:`explicit_attention`: PyTorch's fused CPU kernels give no gradient for an additive bias, and
+    its fallback makes q, k, v contiguous and runs a NaN-guarded softmax, both slower than the
+    explicit path.
+
     Args:
         q, k, v: (..., N, d) tensors (usually (B, heads, N, d)).
         bias: additive term broadcastable to (..., Nq, Nk), or None.
         dropout_p: attention dropout probability (pass 0 in eval).
         scale: score scale; defaults to d ** -0.5.
-        return_attn: also return the attention probabilities (exact matmul path).
+        return_attn: also return the attention probabilities.
     """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias))
+    if return_attn or needs_grad:
+        return explicit_attention(q, k, v, bias, dropout_p, scale, return_attn)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    if not return_attn:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    scale = q.shape[-1]**-0.5 if scale is None else scale
-    attn = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        attn = attn + bias
-    attn = attn.softmax(dim=-1)
-    out = F.dropout(attn, dropout_p) @ v if dropout_p > 0 else attn @ v
-    return out, attn
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
 class Attention(nn.Module):
