@@ -141,6 +141,12 @@ def test_drop_path():
     assert rows == {0.0, 2.0}
     assert (y == y[:, :1]).all()  # whole samples are dropped
     assert 0.4 < (y[:, 0] == 0).float().mean() < 0.6
+    x2 = torch.randn(64, 3, 4)
+    b = torch.randn(64, 3, 4)
+    torch.manual_seed(1)
+    fused = dp.add(x2, b)
+    torch.manual_seed(1)
+    assert torch.allclose(fused, x2 + dp(b), atol=1e-6)  # same draw, one pass
     sched = drop_path_schedule(0.3, (2, 2))
     assert [len(s) for s in sched] == [2, 2]
     assert sum(sched, []) == pytest.approx([0, .1, .2, .3])
@@ -175,3 +181,19 @@ def test_window_gather_equals_pad_roll_partition_with_gradients(hw, ws, shift):
     assert torch.equal(back, ref_back)
     gb = torch.randn_like(back)
     assert torch.equal(torch.autograd.grad((back * gb).sum(), w)[0], torch.autograd.grad((ref_back * gb).sum(), w)[0])
+
+
+def test_split_heads_gradient_matches_reference():
+    from vit_backbones.layers import split_heads
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 10, 3 * 12, requires_grad=True)
+    q, k, v = split_heads(qkv, 3)
+    ref = qkv.view(4, 10, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), ref))
+    gs = [torch.randn_like(q) for _ in range(3)]
+    got = torch.autograd.grad(sum((a * g).sum() for a, g in zip((q, k, v), gs)), qkv)[0]
+    want = torch.autograd.grad(sum((a * g).sum() for a, g in zip(ref.unbind(0), gs)), qkv)[0]
+    assert torch.equal(got, want)
+    q2, _, _ = split_heads(qkv, 3)  # only q used: k, v gradients are zero
+    got = torch.autograd.grad((q2 * gs[0]).sum(), qkv)[0]
+    assert torch.equal(got.view(4, 10, 3, 12)[:, :, 1:], torch.zeros(4, 10, 2, 12))

@@ -231,7 +231,7 @@ def test_frozen_stages():
 
 def test_drop_path_schedule_linear_over_blocks():
     m = vit_backbones.build_backbone('Swin', 'tiny', drop_path_rate=0.2)
-    rates = [blk.drop_path.drop_prob if hasattr(blk.drop_path, 'drop_prob') else 0. for s in m.stages for blk in s.blocks]
+    rates = [blk.drop_path.drop_prob for s in m.stages for blk in s.blocks]
     assert len(rates) == 12 and rates[0] == 0 and rates[-1] == pytest.approx(0.2)
     assert rates == pytest.approx([0.2 * i / 11 for i in range(12)])
 

@@ -1,5 +1,5 @@
 """The shared layers every backbone is built from."""
-from .attention import Attention, scaled_dot_product
+from .attention import Attention, explicit_attention, scaled_dot_product, split_heads
 from .drop import DropPath, drop_path, drop_path_schedule, make_drop_path
 from .format import nchw_to_nhwc, nchw_to_nlc, nhwc_to_nchw, nlc_to_nchw
 from .layer_scale import LayerScale
@@ -11,7 +11,7 @@ from .window import (WindowPlan, pad_to_window, shifted_window_mask, tokens_to_w
                      window_reverse, windows_to_tokens)
 
 __all__ = [
-    'Attention', 'scaled_dot_product', 'DropPath', 'drop_path', 'drop_path_schedule', 'make_drop_path',
+    'Attention', 'explicit_attention', 'scaled_dot_product', 'split_heads', 'DropPath', 'drop_path', 'drop_path_schedule', 'make_drop_path',
     'nchw_to_nhwc', 'nchw_to_nlc', 'nhwc_to_nchw', 'nlc_to_nchw', 'LayerScale', 'Mlp', 'PatchEmbed',
     'resample_abs_pos_embed', 'RelativePositionBias', 'relative_position_index', 'resize_rel_pos_table',
     'window_from_table_len', 'pad_to_window', 'shifted_window_mask', 'window_partition', 'window_reverse',

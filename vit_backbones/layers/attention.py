@@ -72,6 +72,42 @@ def scaled_dot_product(q: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
+class _SplitHeads(torch.autograd.Function):
+    """(B, N, 3*C) fused projection -> contiguous q, k, v of shape (B, heads, N, d) in one copy; the
+    backward writes the three gradients straight into the (B, N, 3*C) layout (one pass, no stack)."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads):
+        b, n, c3 = qkv.shape
+        d = c3 // (3 * heads)
+        ctx.dims = (b, n, heads, d)
+        out = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous()
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        b, n, heads, d = ctx.dims
+        g = gq.new_empty(b, n, 3, heads, d) if gq is not None else gk.new_empty(b, n, 3, heads, d)
+        for i, gi in enumerate((gq, gk, gv)):
+            if gi is None:
+                g[:, :, i].zero_()
+            else:
+                g[:, :, i].copy_(gi.transpose(1, 2))
+        return g.view(b, n, 3 * heads * d), None
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused (B, N, 3*C) projection -> q, k, v each (B, heads, N, d).
+
+    Without gradients they are strided views (the fused SDPA kernel reads them in place); with
+    gradients they are made contiguous once, for the batched matmuls of :func:`explicit_attention`.
+    """
+    b, n, c3 = qkv.shape
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _SplitHeads.apply(qkv, heads)
+    return qkv.view(b, n, 3, heads, c3 // (3 * heads)).transpose(1, 3).unbind(2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (``qkv``) and an output projection (``proj``).
 
@@ -97,16 +133,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
-    def split_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., N, C) -> q, k, v each (..., heads, N, d)."""
-        *lead, n, _ = x.shape
-        qkv = self.qkv(x).reshape(*lead, n, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(-3, *range(len(lead)), -2, -4, -1)
-        return qkv.unbind(0)
-
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.split_heads(x)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
         x = scaled_dot_product(q, k, v, bias, self.attn_drop if self.training else 0., self.scale)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))

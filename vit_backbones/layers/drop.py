@@ -5,13 +5,16 @@ import torch
 from torch import nn
 
 
+def _sample_mask(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    keep = 1. - drop_prob
+    return x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
 def drop_path(x: torch.Tensor, drop_prob: float = 0., training: bool = False) -> torch.Tensor:
     """Zero whole samples of a residual branch with probability ``drop_prob``; rescale the rest."""
     if drop_prob == 0. or not training:
         return x
-    keep = 1. - drop_prob
-    mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    return x * _sample_mask(x, drop_prob)
 
 
 class DropPath(nn.Module):
@@ -23,6 +26,12 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
+
+    def add(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + self(branch)`` in one pass (``addcmul``); same random draw as ``forward``."""
+        if self.drop_prob == 0. or not self.training:
+            return x + branch
+        return torch.addcmul(x, branch, _sample_mask(branch, self.drop_prob))
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob:.3f}'
@@ -43,5 +52,6 @@ def drop_path_schedule(drop_path_rate: float, depths: Sequence[int]) -> List[Lis
     return out
 
 
-def make_drop_path(rate: float) -> nn.Module:
-    return DropPath(rate) if rate > 0 else nn.Identity()
+def make_drop_path(rate: float) -> DropPath:
+    """A :class:`DropPath` (rate 0 is a no-op); use ``.add(x, branch)`` for the residual."""
+    return DropPath(rate)

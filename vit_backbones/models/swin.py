@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import (Attention, Mlp, PatchEmbed, RelativePositionBias, drop_path_schedule, make_drop_path,
+from ..layers import (Attention, Mlp, split_heads, PatchEmbed, RelativePositionBias, drop_path_schedule, make_drop_path,
                       scaled_dot_product, shifted_window_mask, tokens_to_windows, window_plan, windows_to_tokens)
 from ..registry import register_backbone
 from .base import BaseBackbone, resolve_arch
@@ -32,7 +32,7 @@ class WindowAttention(Attention):
 
     def forward(self, x: torch.Tensor, window: Tuple[int, int], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         bw, n, c = x.shape
-        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
         bias = self.rel_pos(window).unsqueeze(0)  # (1, heads, N, N): 4-D keeps the fused CPU kernel
         if mask is not None:  # per-window shift mask, repeated over the batch
             nw = mask.shape[0]
@@ -72,8 +72,8 @@ class SwinBlock(nn.Module):
         return windows_to_tokens(self.attn(tokens_to_windows(x, plan), window, mask), plan)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self._attend(self.norm1(x), hw))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.add(x, self._attend(self.norm1(x), hw))
+        return self.drop_path.add(x, self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
