@@ -115,6 +115,19 @@ def output_error(model, size, device, drop_path):
     return fp32, bf16
 
 
+def matmul_rate(dtype, device, n=2048, repeats=5):
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 def run_in_subprocess(args, case):
     cmd = [sys.executable, os.path.abspath(__file__), '--_case', json.dumps(case), '--repeats', str(args.repeats),
            '--warmup', str(args.warmup), '--device', args.device, '--threads', str(args.threads)]
@@ -149,8 +162,15 @@ def main():
     cases = [('mmdet', 'eval', False), ('ours', 'eval', False), ('ours', 'eval', True), ('mmdet', 'train', False),
              ('ours', 'train', False), ('ours', 'train', True)]
     results = []
+    from vit_backbones.runtime import cpu_bf16_support
+    bf16 = cpu_bf16_support()
+    cpu_model = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?') \
+        if os.path.exists('/proc/cpuinfo') else '?'
     print(f'# {args.model}: ours vs mmdet, device={device}, threads={torch.get_num_threads()}, '
           f'torch {torch.__version__}, repeats={args.repeats}', flush=True)
+    print(f'# CPU: {cpu_model}; native bf16: {bf16 or "none (bf16 matmuls are emulated)"}; '
+          f'matmul 2048^2: fp32 {matmul_rate(torch.float32, device):.0f} GFLOP/s, '
+          f'bf16 {matmul_rate(torch.bfloat16, device):.0f} GFLOP/s', flush=True)
     for size in sizes:
         fp32_err, bf16_err = output_error(args.model, size, device, args.drop_path)
         row = dict(size=size, fp32_max_abs_diff_vs_anchor=fp32_err, bf16_rel_err_vs_fp32=bf16_err)

