@@ -197,3 +197,16 @@ def test_split_heads_gradient_matches_reference():
     q2, _, _ = split_heads(qkv, 3)  # only q used: k, v gradients are zero
     got = torch.autograd.grad((q2 * gs[0]).sum(), qkv)[0]
     assert torch.equal(got.view(4, 10, 3, 12)[:, :, 1:], torch.zeros(4, 10, 2, 12))
+
+
+@pytest.mark.parametrize('hw', [(224, 224), (111, 137), (33, 20)])
+def test_conv_stem_strides_and_bn(hw):
+    from vit_backbones.layers import ConvStem
+    stem = ConvStem(3, (16, 32, 64, 128), (2, 2, 2, 2), act_layer=torch.nn.Hardswish, act_last=False)
+    assert stem.stride == 16
+    out = stem(torch.randn(2, 3, *hw))
+    assert out.shape == (2, -(-hw[0] // 16), -(-hw[1] // 16), 128)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules()) == 4
+    assert sum(isinstance(m, torch.nn.Hardswish) for m in stem.modules()) == 3  # none after the last conv
+    pooled = ConvStem(3, (32, ), (2, ), kernel_size=7, pool=(3, 2))  # CeiT-style image-to-tokens
+    assert pooled.stride == 4 and pooled(torch.randn(1, 3, *hw)).shape == (1, -(-hw[0] // 4), -(-hw[1] // 4), 32)

@@ -48,3 +48,51 @@ class PatchEmbed(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return x
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem: a stack of ``conv(k, stride) -> BatchNorm -> activation`` layers, then NHWC.
+
+    ``channels`` lists the output channels of each layer and ``strides`` their strides (LeViT: four 3x3
+    stride-2 convs with Hardswish between them; CeiT's image-to-tokens: conv 7x7/2 + BN + max-pool; DeepViT's
+    convolutional patch embedding). ``act_last=False`` leaves the final conv without activation (LeViT).
+    ``pool=(kernel, stride)`` optionally appends a max-pool (padding kernel // 2).
+    Inputs are padded bottom/right so the output is ``ceil(H / total_stride)`` for any H, W.
+    """
+
+    def __init__(self,
+                 in_chans: int,
+                 channels: Tuple[int, ...],
+                 strides: Tuple[int, ...],
+                 kernel_size: int = 3,
+                 act_layer: Type[nn.Module] = nn.ReLU,
+                 norm: bool = True,
+                 act_last: bool = True,
+                 pool: Optional[Tuple[int, int]] = None):
+        super().__init__()
+        if len(channels) != len(strides):
+            raise ValueError(f'channels {channels} and strides {strides} must have the same length')
+        layers = []
+        prev = in_chans
+        for i, (c, s) in enumerate(zip(channels, strides)):
+            layers.append(nn.Conv2d(prev, c, kernel_size, s, kernel_size // 2, bias=not norm))
+            if norm:
+                layers.append(nn.BatchNorm2d(c))
+            if act_last or i < len(channels) - 1:
+                layers.append(act_layer())
+            prev = c
+        if pool is not None:
+            layers.append(nn.MaxPool2d(pool[0], pool[1], pool[0] // 2))
+        self.layers = nn.Sequential(*layers)
+        self.stride = 1
+        for s in strides:
+            self.stride *= s
+        if pool is not None:
+            self.stride *= pool[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        return self.layers(x).permute(0, 2, 3, 1)
