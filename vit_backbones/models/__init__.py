@@ -1,5 +1,7 @@
 """Backbone implementations; importing this module registers them."""
 from .base import BaseBackbone
 from .swin import Swin
+from .vit import DeiT, PlainBackbone, ViT  # noqa: F401  (registers ViT and DeiT)
 
 __all__ = ['BaseBackbone', 'Swin']
+__all__ += ['PlainBackbone', 'ViT', 'DeiT']
