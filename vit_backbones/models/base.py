@@ -14,6 +14,19 @@ from ..checkpoint import LoadReport, load_pretrained
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+def init_transformer_weights(m: nn.Module):
+    """The usual transformer initialisation, for ``model.apply``: truncated-normal (std .02) Linear weights
+    with zero biases; norms at weight 1, bias 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm) + _BN_TYPES):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def resolve_arch(arch: Union[str, Mapping], zoo: Mapping[str, dict], model_name: str,
                  aliases: Optional[Mapping[str, str]] = None) -> Tuple[str, dict]:
     """Variant name or override dict -> (name, hyper-parameters).
@@ -183,7 +196,12 @@ class BaseBackbone(BaseModule):
         return self.load_report
 
     def init_weights(self):
+        """Load ``init_cfg``'s checkpoint, or run ``init_cfg``'s mmengine initialisers, or (no init_cfg)
+        re-initialise with :func:`init_transformer_weights` (override ``_default_init`` for more)."""
         cfg = self.init_cfg
+        if cfg is None:
+            self._default_init()
+            return
         if isinstance(cfg, Mapping) and cfg.get('type') == 'Pretrained':
             logger = MMLogger.get_current_instance()
             path = cfg.get('checkpoint')
@@ -194,3 +212,6 @@ class BaseBackbone(BaseModule):
             self._is_init = True
             return
         super().init_weights()
+
+    def _default_init(self):
+        self.apply(init_transformer_weights)

@@ -197,24 +197,8 @@ class Swin(BaseBackbone):
             self.feature_info.append(dict(num_chs=d, reduction=patch_size * 2**i, module=f'stages.{i}'))
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(dim * 2**i))
-        self.apply(self._init_module)
+        self._default_init()
         self._freeze_stages()
-
-    @staticmethod
-    def _init_module(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def init_weights(self):
-        if self.init_cfg is None:
-            self.apply(self._init_module)
-            return
-        super().init_weights()
 
     def _stem_and_stages(self):
         units = [nn.ModuleList([self.patch_embed])]
