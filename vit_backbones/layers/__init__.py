@@ -8,6 +8,7 @@ from .patch_embed import ConvStem, PatchEmbed
 from .pos_embed import resample_abs_pos_embed
 from .pyramid import FeaturePyramid, LayerNorm2d, make_norm2d  # noqa: F401
 from .vit_block import ViTBlock  # noqa: F401
+from .sra import SpatialReductionAttention  # noqa: F401
 from .rel_pos import RelativePositionBias, relative_position_index, resize_rel_pos_table, window_from_table_len
 from .window import (WindowPlan, pad_to_window, shifted_window_mask, tokens_to_windows, window_partition, window_plan,
                      window_reverse, windows_to_tokens)

@@ -1,6 +1,7 @@
 """Backbone implementations; importing this module registers them."""
 from .base import BaseBackbone
 from .swin import Swin
+from .pvt import PVT, PVTv2  # noqa: F401  (registers PVT and PVTv2)
 from .vit import DeiT, PlainBackbone, ViT  # noqa: F401  (registers ViT and DeiT)
 
 __all__ = ['BaseBackbone', 'Swin']

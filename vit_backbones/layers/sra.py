@@ -1,0 +1,84 @@
+"""Spatial-reduction attention (PVT v1 and v2).
+
+Queries come from every token; keys and values from a reduced map: a strided ``sr`` convolution
+(kernel = stride = ``sr_ratio``) followed by a LayerNorm, or, in the linear variant of PVT v2
+(``linear=True``, the b2-li model), an adaptive average pool to ``pool_size`` x ``pool_size``, a 1x1
+``sr`` convolution, a LayerNorm and a GELU. Queries and keys/values have separate projections (``q``
+and ``kv``, the layout of the official code, timm and the classification checkpoints).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .attention import scaled_dot_product
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention of (B, N, C) tokens on an (H, W) grid against a spatially reduced copy.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads (``dim`` must be divisible by it).
+        sr_ratio: reduction of the key/value map (1: keys and values are the tokens themselves).
+        linear: PVT v2 linear SRA (pool to ``pool_size``; ``sr_ratio`` is then ignored).
+        pool_size: output side of the adaptive pool of the linear variant.
+        qkv_bias: biases of ``q`` and ``kv``.
+        qk_scale: score scale (default ``head_dim ** -0.5``).
+        attn_drop, proj_drop: dropout on the attention probabilities / after ``proj``.
+        norm_eps: epsilon of the reduction LayerNorm (1e-5 in the official code).
+
+    ``forward(x, hw)``: ``x`` holds the H*W grid tokens in raster order; extra tokens in front of them
+    (PVT v1's class token in its last stage) are allowed only when ``sr_ratio == 1`` and not linear.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear: bool = False, pool_size: int = 7,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.sr_ratio = int(sr_ratio)
+        self.linear = linear
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(pool_size) if linear else None
+        if linear:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+        elif self.sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=self.sr_ratio, stride=self.sr_ratio)
+        else:
+            self.sr = None
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if self.sr is not None else None
+        self.act = nn.GELU() if linear else None
+
+    @property
+    def reduces(self) -> bool:
+        return self.sr is not None
+
+    def _reduced(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """(B, H*W, C) tokens -> (B, M, C) key/value source tokens."""
+        b, n, c = x.shape
+        if self.sr is None:
+            return x
+        if n != hw[0] * hw[1]:
+            raise ValueError(f'spatial reduction needs exactly the {hw[0]}x{hw[1]} grid tokens, got {n}')
+        m = x.transpose(1, 2).reshape(b, c, *hw)
+        if self.pool is not None:
+            m = self.pool(m)
+        m = self.norm(self.sr(m).flatten(2).transpose(1, 2))
+        return self.act(m) if self.act is not None else m
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(self._reduced(x, hw))
+        k, v = kv.view(b, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = scaled_dot_product(q, k, v, None, self.attn_drop if self.training else 0., self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))

@@ -1,0 +1,575 @@
+"""Pyramid Vision Transformer v1 (Wang et al., 2021a) and v2 (Wang et al., 2021b) as four-level pyramid
+backbones.
+
+Both are four stages of (patch embedding -> transformer blocks with spatial-reduction attention) on
+raster token sequences; stage i runs on a ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)) grid.
+
+- **PVT v2** (``'PVTv2'``): overlapping patch embeddings (7x7 stride 4, then 3x3 stride 2), no position
+  embedding, a depthwise 3x3 convolution inside the MLP, a LayerNorm closing every stage (its output is
+  the level's map and the next stage's input). ``b2_li`` uses linear SRA (7x7 average pool) and a ReLU
+  after ``fc1``, as the official b2-li model.
+- **PVT v1** (``'PVT'``): non-overlapping patch embeddings (4x4, then 2x2), a learned absolute position
+  embedding per stage, resampled bilinearly to the runtime grid in every forward pass; a plain MLP.
+
+Any H, W >= 32 works. Where a side is not a multiple of a patch embedding's stride, the input of that
+embedding is zero-padded at the bottom/right so the grid is ``ceil`` (PVT v2's padded convolutions give
+the same grid without padding; the official PVT v1 code instead drops the remainder, see :class:`PVT`).
+"""
+import re
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..layers import Mlp, PatchEmbed, drop_path_schedule, make_drop_path, nlc_to_nchw, resample_abs_pos_embed
+from ..layers.sra import SpatialReductionAttention
+from ..registry import register_backbone
+from .base import BaseBackbone, init_transformer_weights, resolve_arch
+
+_WIDE = (64, 128, 320, 512)
+_HEADS = (1, 2, 5, 8)
+
+
+class _LinearReLU(nn.Linear):
+    """``fc1`` of the linear-SRA MLP (PVT v2 b2-li): a Linear followed by a ReLU, under the same keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class PVTBlock(nn.Module):
+    """Pre-norm residual block: spatial-reduction attention, then an MLP (with a depthwise 3x3 conv on
+    the token grid for PVT v2). ``forward(x, hw)`` on (B, N, C) tokens of an (H, W) grid."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, linear: bool = False,
+                 conv_mlp: bool = False, qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.,
+                 attn_drop: float = 0., drop_path: float = 0., eps: float = 1e-6, sr_eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, linear=linear, qkv_bias=qkv_bias,
+                                              qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop, norm_eps=sr_eps)
+        self.drop_path = make_drop_path(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = Mlp(dim, hidden, drop=drop, dwconv=conv_mlp)
+        if linear:
+            self.mlp.fc1 = _LinearReLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = self.drop_path.add(x, self.attn(self.norm1(x), hw))
+        return self.drop_path.add(x, self.mlp(self.norm2(x), hw))
+
+
+class PVTStage(nn.Module):
+    """Patch embedding (+ v1 position embedding / class token) + blocks (+ v2 stage norm)."""
+
+    def __init__(self, patch_embed: PatchEmbed, blocks: List[PVTBlock], norm: Optional[nn.Module] = None,
+                 pos_grid: Optional[Tuple[int, int]] = None, cls_token: bool = False):
+        super().__init__()
+        self.patch_embed = patch_embed
+        dim = patch_embed.proj.out_channels
+        self.pos_grid = pos_grid
+        self.num_prefix_tokens = int(cls_token)
+        self.pos_embed = None if pos_grid is None else nn.Parameter(
+            torch.zeros(1, self.num_prefix_tokens + pos_grid[0] * pos_grid[1], dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+
+
+_COMMON_DOC = """
+        out_indices, frozen_stages, norm_eval, with_cp, in_chans, init_cfg, pretrained: see
+            :class:`BaseBackbone`. The stem is stage 0's patch embedding (with its position embedding in
+            v1); stage i is its blocks and norms, and for i > 0 its own patch embedding (the
+            downsampling at its start).
+"""
+
+
+class _PyramidVisionTransformer(BaseBackbone):
+    """What PVT v1 and v2 share: stages, forward loop, freezing, init and checkpoint layouts."""
+
+    version = 0
+    arch_zoo: Dict[str, dict] = {}
+    arch_aliases: Dict[str, str] = {}
+
+    def _build(self, cfg: dict, patch_sizes, strides, paddings, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+               drop_path_rate, layer_norm_eps, pos_grids=None, cls_token=False, stage_norm=False, conv_mlp=False):
+        dims, depths = tuple(cfg['embed_dims']), tuple(cfg['depths'])
+        heads, mlp_ratios, srs = tuple(cfg['num_heads']), tuple(cfg['mlp_ratios']), tuple(cfg['sr_ratios'])
+        linear = bool(cfg.get('linear', False))
+        n = len(depths)
+        if not all(len(t) == n for t in (dims, heads, mlp_ratios, srs)):
+            raise ValueError(f'{type(self).__name__} arch: embed_dims, depths, num_heads, mlp_ratios and sr_ratios '
+                             f'need one entry per stage, got {cfg}')
+        for d, h in zip(dims, heads):
+            if d % h:
+                raise ValueError(f'{type(self).__name__} arch: embed dim {d} is not divisible by {h} heads')
+        self.embed_dims, self.depths, self.num_heads = dims, depths, heads
+        self.mlp_ratios, self.sr_ratios, self.linear = mlp_ratios, srs, linear
+        block_eps = 1e-6 if layer_norm_eps is None else layer_norm_eps
+        aux_eps = 1e-5 if layer_norm_eps is None else layer_norm_eps  # official: default-eps LN in embeds and SRA
+        self.min_input_size = max(32, 4 * 2**(n - 1))
+        self._set_out_indices(n)
+        dpr = drop_path_schedule(drop_path_rate, depths)
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        stride, in_ch = 1, self.in_chans
+        for i in range(n):
+            stride *= strides[i]
+            embed = PatchEmbed(in_ch, dims[i], patch_sizes[i], strides[i], paddings[i],
+                               norm_layer=partial(nn.LayerNorm, eps=aux_eps))
+            blocks = [
+                PVTBlock(dims[i], heads[i], mlp_ratios[i], srs[i], linear=linear, conv_mlp=conv_mlp, qkv_bias=qkv_bias,
+                         qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i][j],
+                         eps=block_eps, sr_eps=aux_eps) for j in range(depths[i])
+            ]
+            self.stages.append(
+                PVTStage(embed, blocks, nn.LayerNorm(dims[i], eps=block_eps) if stage_norm else None,
+                         pos_grid=None if pos_grids is None else pos_grids[i], cls_token=cls_token and i == n - 1))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f'stages.{i}'))
+            in_ch = dims[i]
+        self._block_eps = block_eps
+
+    # ------------------------------------------------------------------ init / freezing
+    @staticmethod
+    def _init_conv_and_pos(m: nn.Module):
+        if isinstance(m, nn.Conv2d):  # the official PVT init (fan-out normal)
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, (2.0 / fan_out)**0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, PVTStage):
+            for p in (m.pos_embed, m.cls_token):
+                if p is not None:
+                    nn.init.trunc_normal_(p, std=.02)
+
+    def _default_init(self):
+        self.apply(init_transformer_weights)
+        self.apply(self._init_conv_and_pos)
+
+    def _stem_and_stages(self):
+        units = [nn.ModuleList([self.stages[0].patch_embed])]
+        for i, stage in enumerate(self.stages):
+            parts = [stage] if i else [stage.blocks] + ([stage.norm] if stage.norm is not None else [])
+            if hasattr(self, f'norm{i}'):
+                parts.append(getattr(self, f'norm{i}'))
+            units.append(nn.ModuleList(parts))
+        return units
+
+    def _freeze_stages(self):
+        super()._freeze_stages()
+        if self.frozen_stages >= 0:  # parameters held by stage modules directly
+            if self.frozen_stages >= 1:
+                self.stages[0].eval()
+            for i, stage in enumerate(self.stages):
+                for p in (stage.pos_embed, stage.cls_token):
+                    if p is not None and (i == 0 or i < self.frozen_stages):
+                        p.requires_grad = False
+
+    # ------------------------------------------------------------------ forward
+    def _output(self, i: int, tokens: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
+        return fmap
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        self.check_input(x)
+        outs = []
+        last = max(self.out_indices)
+        for i, stage in enumerate(self.stages):
+            t = stage.patch_embed(x)  # NHWC
+            b, h, w, c = t.shape
+            hw = (h, w)
+            t = t.reshape(b, h * w, c)
+            if stage.pos_embed is not None:
+                pos = resample_abs_pos_embed(stage.pos_embed, hw, stage.pos_grid, stage.num_prefix_tokens, 'bilinear')
+                if stage.cls_token is not None:
+                    t = torch.cat([stage.cls_token.expand(b, -1, -1), t], dim=1)
+                t = self.pos_drop(t + pos)
+            for blk in stage.blocks:
+                t = self.run_block(blk, t, hw)
+            if stage.cls_token is not None:
+                t = t[:, 1:]
+            if stage.norm is not None:
+                t = stage.norm(t)
+            x = nlc_to_nchw(t, hw)
+            if i in self.out_indices:
+                outs.append(self._output(i, t, x))
+            if i == last:
+                break
+        return tuple(outs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def resize_checkpoint_tensor(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
+        m = re.match(r'stages\.(\d+)\.pos_embed$', key)
+        if not m or value.ndim != 3:
+            return None
+        stage = self.stages[int(m.group(1))]
+        n = value.shape[1]
+        side = int(round(n**0.5))
+        pfx = 0 if side * side == n else 1
+        side = int(round((n - pfx)**0.5))
+        if side * side != n - pfx or pfx < stage.num_prefix_tokens:
+            return None
+        grid = resample_abs_pos_embed(value[:, pfx:], stage.pos_grid, (side, side), 0, 'bilinear')
+        return torch.cat([value[:, :1], grid], 1) if stage.num_prefix_tokens else grid
+
+    def _to_official(self, sd: Dict[str, torch.Tensor]):
+        """Any supported layout -> official whai362/PVT classification names; returns (sd, format)."""
+        keys = set(sd)
+
+        def has(pat):
+            return any(re.match(pat, k) for k in keys)
+
+        if not (has(r'.*\.attn\.(kv|attn\.in_proj_weight)\.?') or has(r'.*\.attention\.(self\.)?key\.')):
+            raise CheckpointMismatchError(
+                'not a PVT checkpoint: no spatial-reduction attention (attn.kv, attn.attn.in_proj_weight or '
+                f'attention.key) found; first keys: {sorted(keys)[:5]}')
+        if has(r'stages\.\d+\.patch_embed\.proj\.'):
+            return None, 'vit_backbones'
+        if has(r'layers\.\d+\.0\.projection\.') or has(r'layers\.\d+\.1\.\d+\.attn\.attn\.in_proj_weight'):
+            return _mmdet_to_official(sd), 'mmdet'
+        if has(r'encoder\.layers\.\d+\.patch_embedding\.'):
+            return _hf_v2_to_official(sd), 'hf'
+        if has(r'encoder\.patch_embeddings\.\d+\.'):
+            return _hf_v1_to_official(sd), 'hf'
+        if has(r'stages\.\d+\.downsample\.') or (has(r'patch_embed\.proj\.') and has(r'stages\.\d+\.blocks\.')):
+            return _timm_to_official(sd), 'timm'
+        if has(r'patch_embed\d+\.proj\.') or has(r'block\d+\.\d+\.attn\.q\.'):
+            return dict(sd), 'official'
+        raise CheckpointMismatchError(
+            f'not a PVT checkpoint: found none of the official (patch_embed1 / block1.0.attn.q), timm '
+            f'(stages.N.blocks / stages.N.downsample), HF transformers (encoder.layers.N.patch_embedding or '
+            f'encoder.patch_embeddings.N), mmdet (layers.N.0.projection) or vit_backbones layouts; '
+            f'first keys: {sorted(keys)[:5]}')
+
+    def convert_checkpoint(self, sd: Dict[str, torch.Tensor]):
+        sd = strip_prefix(sd, ('backbone.', ))
+        for p in ('module.', 'pvt_v2.', 'pvt.'):  # DDP wrappers, HF task models
+            if any(k.startswith(p) for k in sd):
+                sd = {k[len(p):] if k.startswith(p) else k: v for k, v in sd.items()}
+        official, fmt = self._to_official(sd)
+        if official is None:
+            return dict(sd), fmt, {}
+        is_v1 = any(re.match(r'pos_embed\d', k) for k in official)
+        is_v2 = any('.mlp.dwconv.' in k for k in official)
+        name = type(self).__name__
+        if self.version == 2 and is_v1 and not is_v2:
+            raise CheckpointMismatchError(f'this is a PVT v1 checkpoint (per-stage pos_embed, no depthwise conv in '
+                                          f'the MLP), not one of {name}: build the backbone as type="PVT"')
+        if self.version == 1 and is_v2:
+            raise CheckpointMismatchError(f'this is a PVT v2 checkpoint (depthwise conv in the MLP), not one of '
+                                          f'{name}: build the backbone as type="PVTv2"')
+        return self._from_official(official, fmt)
+
+    def _from_official(self, sd, fmt):
+        out, dropped = {}, {}
+        last = len(self.stages) - 1
+        for k, v in sd.items():
+            if k.startswith(('head.', 'classifier.')):
+                dropped[k] = 'classification head'
+                continue
+            nk = k
+            m = re.match(r'patch_embed(\d+)\.(.*)$', k) or re.match(r'block(\d+)\.(.*)$', k)
+            if m:
+                i = int(m.group(1)) - 1
+                rest = m.group(2).replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')
+                nk = f'stages.{i}.{"patch_embed" if k.startswith("patch") else "blocks"}.{rest}'
+            elif re.match(r'pos_embed\d+$', k):
+                i = int(k[len('pos_embed'):]) - 1
+                nk = f'stages.{i}.pos_embed'
+                n = v.shape[1]
+                has_slot = int(round(n**0.5))**2 != n and int(round((n - 1)**0.5))**2 == n - 1
+                if has_slot and i < len(self.stages) and self.stages[i].cls_token is None:
+                    v = v[:, 1:]
+                    dropped[f'{k}[:, :1]'] = ('class-token position slot (the backbone has no class token; '
+                                              'use_cls_token=True keeps it)')
+            elif k == 'cls_token':
+                if self.stages[last].cls_token is None:
+                    dropped[k] = 'class token (the backbone has none; use_cls_token=True keeps it)'
+                    continue
+                nk = f'stages.{last}.cls_token'
+            elif re.match(r'norm\d+\.', k):
+                i = int(re.match(r'norm(\d+)\.', k).group(1)) - 1
+                nk = f'stages.{i}.norm.' + k.split('.', 1)[1]
+            elif k.startswith('norm.'):
+                if not hasattr(self, f'norm{last}'):
+                    dropped[k] = ('final classification norm (the backbone returns raw stage maps; '
+                                  f'out_norm=True with level {last} in out_indices uses it)')
+                    continue
+                nk = f'norm{last}.' + k[len('norm.'):]
+            out[nk] = v
+        return out, fmt, dropped
+
+
+# ---------------------------------------------------------------------- layout converters (to official names)
+def _cat_kv(out: dict, sd: dict, key_k: str, key_v: str, dst: str):
+    for kind in ('weight', 'bias'):
+        if f'{key_k}.{kind}' in sd:
+            out[f'{dst}.{kind}'] = torch.cat([sd[f'{key_k}.{kind}'], sd[f'{key_v}.{kind}']], 0)
+
+
+def _timm_to_official(sd):
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r'^patch_embed\.', 'patch_embed1.', k)
+        k = re.sub(r'^stages\.(\d+)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
+        k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
+        k = re.sub(r'^stages\.(\d+)\.norm\.', lambda m: f'norm{int(m.group(1)) + 1}.', k)
+        k = re.sub(r'\.mlp\.dwconv\.(weight|bias)$', r'.mlp.dwconv.dwconv.\1', k)
+        out[k] = v
+    return out
+
+
+def _hf_v2_to_official(sd):
+    out = {}
+    rules = [
+        (r'^encoder\.layers\.(\d+)\.patch_embedding\.proj\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.proj.'),
+        (r'^encoder\.layers\.(\d+)\.patch_embedding\.layer_norm\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.norm.'),
+        (r'^encoder\.layers\.(\d+)\.layer_norm\.', lambda m: f'norm{int(m.group(1)) + 1}.'),
+        (r'^encoder\.layers\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.'),
+    ]
+    inner = [('layer_norm_1.', 'norm1.'), ('layer_norm_2.', 'norm2.'), ('attention.query.', 'attn.q.'),
+             ('attention.proj.', 'attn.proj.'), ('attention.spatial_reduction.', 'attn.sr.'),
+             ('attention.layer_norm.', 'attn.norm.'), ('mlp.dense1.', 'mlp.fc1.'), ('mlp.dense2.', 'mlp.fc2.')]
+    for k, v in sd.items():
+        if re.search(r'\.attention\.(key|value)\.', k):
+            if '.attention.key.' in k and k.endswith('.weight'):
+                base = k[:-len('.attention.key.weight')]
+                nb = _apply(rules, base + '.')
+                _cat_kv(out, sd, f'{base}.attention.key', f'{base}.attention.value', nb + 'attn.kv')
+            continue
+        nk = _apply(rules, k)
+        for a, b in inner:
+            nk = nk.replace('.' + a, '.' + b)
+        if nk.startswith('classifier.'):
+            nk = 'head.' + nk[len('classifier.'):]
+        out[nk] = v
+    return out
+
+
+def _hf_v1_to_official(sd):
+    out = {}
+    rules = [
+        (r'^encoder\.patch_embeddings\.(\d+)\.projection\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.proj.'),
+        (r'^encoder\.patch_embeddings\.(\d+)\.layer_norm\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.norm.'),
+        (r'^encoder\.patch_embeddings\.(\d+)\.position_embeddings$', lambda m: f'pos_embed{int(m.group(1)) + 1}'),
+        (r'^encoder\.patch_embeddings\.\d+\.cls_token$', lambda m: 'cls_token'),
+        (r'^encoder\.layer_norm\.', lambda m: 'norm.'),
+        (r'^encoder\.block\.(\d+)\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.'),
+    ]
+    inner = [('layer_norm_1.', 'norm1.'), ('layer_norm_2.', 'norm2.'), ('attention.self.query.', 'attn.q.'),
+             ('attention.output.dense.', 'attn.proj.'), ('attention.self.sequence_reduction.', 'attn.sr.'),
+             ('attention.self.layer_norm.', 'attn.norm.'), ('mlp.dense1.', 'mlp.fc1.'), ('mlp.dense2.', 'mlp.fc2.')]
+    for k, v in sd.items():
+        if re.search(r'\.attention\.self\.(key|value)\.', k):
+            if '.attention.self.key.' in k and k.endswith('.weight'):
+                base = k[:-len('.attention.self.key.weight')]
+                nb = _apply(rules, base + '.')
+                _cat_kv(out, sd, f'{base}.attention.self.key', f'{base}.attention.self.value', nb + 'attn.kv')
+            continue
+        nk = _apply(rules, k)
+        for a, b in inner:
+            nk = nk.replace('.' + a, '.' + b)
+        if nk.startswith('classifier.'):
+            nk = 'head.' + nk[len('classifier.'):]
+        out[nk] = v
+    return out
+
+
+def _mmdet_to_official(sd):
+    """mmdet PyramidVisionTransformer(V2): nn.MultiheadAttention packing and 1x1-conv FFN."""
+    out = {}
+    with_pos = any(re.match(r'layers\.\d+\.1\.0\.pos_embed$', k) for k in sd)
+    conv_ffn = any(re.search(r'\.ffn\.layers\.1\.weight$', k) for k in sd)
+    fc2 = '4' if conv_ffn else '3'
+    for k, v in sd.items():
+        m = re.match(r'layers\.(\d+)\.(\d+)\.(.*)$', k)
+        if not m:
+            out[k] = v
+            continue
+        i, part, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
+        if part == '0':
+            out[f'patch_embed{i}.' + rest.replace('projection.', 'proj.')] = v
+        elif part == '2':
+            out[f'norm{i}.{rest}'] = v
+        elif part == '1':
+            j, rest = rest.split('.', 1)
+            j = int(j)
+            if with_pos and j == 0:
+                out[f'pos_embed{i}'] = v
+                continue
+            pre = f'block{i}.{j - int(with_pos)}.'
+            if rest.startswith('attn.attn.in_proj_'):
+                kind = rest[len('attn.attn.in_proj_'):]
+                c = v.shape[0] // 3
+                out[pre + f'attn.q.{kind}'] = v[:c]
+                out[pre + f'attn.kv.{kind}'] = v[c:]
+            elif rest.startswith('attn.attn.out_proj.'):
+                out[pre + 'attn.proj.' + rest[len('attn.attn.out_proj.'):]] = v
+            elif rest.startswith('ffn.layers.'):
+                idx, kind = rest[len('ffn.layers.'):].split('.', 1)
+                name = {'0': 'mlp.fc1', '1': 'mlp.dwconv.dwconv', fc2: 'mlp.fc2'}[idx]
+                if name != 'mlp.dwconv.dwconv' and kind == 'weight':
+                    v = v.reshape(v.shape[0], v.shape[1])
+                out[pre + f'{name}.{kind}'] = v
+            else:
+                out[pre + rest] = v
+    return out
+
+
+def _apply(rules, k):
+    for pat, rep in rules:
+        k = re.sub(pat, rep, k)
+    return k
+
+
+# ---------------------------------------------------------------------- PVT v2
+@register_backbone
+class PVTv2(_PyramidVisionTransformer):
+    """PVT v2 backbone (registered as ``'PVTv2'``; mmdet's ``PyramidVisionTransformerV2`` stays usable).
+
+    Args:
+        arch: 'b0' | 'b1' | 'b2' | 'b2_li' | 'b3' | 'b4' | 'b5' (also 'pvt_v2_b2', 'b2-li'...), or a dict of
+            ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``sr_ratios``, ``linear`` (optionally
+            with ``'base': name`` to override a variant).
+        qkv_bias, qk_scale: attention projections.
+        drop_rate, attn_drop_rate: dropout after projections / on attention.
+        drop_path_rate: stochastic depth, linear over all blocks from 0.
+        layer_norm_eps: None (default) follows the official code: 1e-6 in the blocks and stage norms, 1e-5
+            in the patch embeddings and the SRA reduction norms. A number sets every LayerNorm (HF
+            transformers and mmdet use 1e-6 everywhere).
+""" + _COMMON_DOC + """
+    Outputs: a tuple of NCHW maps for ``out_indices``, each after its stage's LayerNorm; level i has
+    ``embed_dims[i]`` channels, stride ``4 * 2**i`` and size ceil(H / stride) x ceil(W / stride).
+    Differences from the official code: none in the computation (the 7/3 convs with padding 3/1 give the
+    ceil grid). Spatial reduction on a grid that is not a multiple of ``sr_ratio`` drops the remainder,
+    as the official strided convolution does.
+    """
+
+    version = 2
+    _b = dict(embed_dims=_WIDE, num_heads=_HEADS, mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), linear=False)
+    arch_zoo = {
+        'b0': dict(_b, embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+        'b1': dict(_b, depths=(2, 2, 2, 2)),
+        'b2': dict(_b, depths=(3, 4, 6, 3)),
+        'b2_li': dict(_b, depths=(3, 4, 6, 3), linear=True),
+        'b3': dict(_b, depths=(3, 4, 18, 3)),
+        'b4': dict(_b, depths=(3, 8, 27, 3)),
+        'b5': dict(_b, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+    }
+    del _b
+    arch_aliases = {'b2-li': 'b2_li', 'b2li': 'b2_li', **{f'pvt_v2_{k}': k for k in
+                                                           ('b0', 'b1', 'b2', 'b2_li', 'b3', 'b4', 'b5')},
+                    **{f'pvt-v2-{k}': k for k in ('b0', 'b1', 'b2', 'b3', 'b4', 'b5')}, 'pvt-v2-b2-li': 'b2_li'}
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'b2',
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 layer_norm_eps: Optional[float] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
+        super().__init__(out_indices, frozen_stages, norm_eval, with_cp, in_chans, init_cfg, pretrained)
+        self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, 'PVTv2', self.arch_aliases)
+        n = len(cfg['depths'])
+        self._build(cfg, [7] + [3] * (n - 1), [4] + [2] * (n - 1), [3] + [1] * (n - 1), qkv_bias, qk_scale, drop_rate,
+                    attn_drop_rate, drop_path_rate, layer_norm_eps, stage_norm=True, conv_mlp=True)
+        self._default_init()
+        self._freeze_stages()
+
+
+# ---------------------------------------------------------------------- PVT v1
+@register_backbone
+class PVT(_PyramidVisionTransformer):
+    """PVT v1 backbone (registered as ``'PVT'``; mmdet's ``PyramidVisionTransformer`` stays usable).
+
+    Args:
+        arch: 'tiny' | 'small' | 'medium' | 'large' (also 't', 's', 'm', 'l', 'pvt_tiny'...), or a dict of
+            ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``sr_ratios``.
+        pretrain_img_size: image size of the position embeddings (224: grids 56, 28, 14, 7). A checkpoint
+            with other grids is resampled bilinearly on load; at run time each embedding is resampled
+            bilinearly (align_corners=False, float32) to the token grid, in every forward pass.
+        use_cls_token: keep the classifier's class token in the last stage (it takes part in that
+            stage's attention and is removed from the output map), as the official classification model
+            and HF ``PvtModel`` do. Default False: the official detection/segmentation code and mmdet,
+            which drop the token and its position slot.
+        out_norm: a LayerNorm on each returned level (``norm{i}``; the classifier's final ``norm``
+            initialises the last one). Default False: raw stage outputs, as the official detection code
+            and mmdet (whose detection results the papers report).
+        qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate, layer_norm_eps: as :class:`PVTv2`.
+""" + _COMMON_DOC + """
+    Outputs: a tuple of NCHW maps for ``out_indices``; level i has ``embed_dims[i]`` channels, stride
+    ``4 * 2**i`` and size ceil(H / stride) x ceil(W / stride).
+
+    Difference from the official code, mmdet and HF: their non-overlapping patch convolutions drop the
+    last rows/columns when a side is not a multiple of the stride (floor grid); here the input of each
+    patch embedding is zero-padded at the bottom/right instead (ceil grid, as every backbone of this
+    package). On sizes that are multiples of 32 the two agree exactly.
+    """
+
+    version = 1
+    _b = dict(embed_dims=_WIDE, num_heads=_HEADS, mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
+    arch_zoo = {
+        'tiny': dict(_b, depths=(2, 2, 2, 2)),
+        'small': dict(_b, depths=(3, 4, 6, 3)),
+        'medium': dict(_b, depths=(3, 4, 18, 3)),
+        'large': dict(_b, depths=(3, 8, 27, 3)),
+    }
+    del _b
+    arch_aliases = {'t': 'tiny', 's': 'small', 'm': 'medium', 'l': 'large',
+                    **{f'pvt_{k}': k for k in ('tiny', 'small', 'medium', 'large')},
+                    **{f'pvt-{k[0]}': k for k in ('tiny', 'small', 'medium', 'large')}}
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'small',
+                 pretrain_img_size: int = 224,
+                 use_cls_token: bool = False,
+                 out_norm: bool = False,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 layer_norm_eps: Optional[float] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
+        super().__init__(out_indices, frozen_stages, norm_eval, with_cp, in_chans, init_cfg, pretrained)
+        self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, 'PVT', self.arch_aliases)
+        n = len(cfg['depths'])
+        if use_cls_token and tuple(cfg['sr_ratios'])[-1] != 1:
+            raise ValueError('use_cls_token needs sr_ratio 1 in the last stage (the class token has no grid position)')
+        self.pretrain_img_size = pretrain_img_size
+        grids = [(pretrain_img_size // (4 * 2**i), ) * 2 for i in range(n)]
+        self._build(cfg, [4] + [2] * (n - 1), [4] + [2] * (n - 1), [0] * n, qkv_bias, qk_scale, drop_rate,
+                    attn_drop_rate, drop_path_rate, layer_norm_eps, pos_grids=grids, cls_token=use_cls_token)
+        self.use_cls_token, self.out_norm = use_cls_token, out_norm
+        if out_norm:
+            for i in self.out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=self._block_eps))
+        self._default_init()
+        self._freeze_stages()
+
+    def _output(self, i: int, tokens: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
+        if not self.out_norm:
+            return fmap
+        return nlc_to_nchw(getattr(self, f'norm{i}')(tokens), fmap.shape[-2:])
+
+    def optional_checkpoint_keys(self):
+        # classification checkpoints have one final norm at most
+        return [k for k, _ in self.named_parameters() if re.match(r'norm\d+\.', k)]
