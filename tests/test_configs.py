@@ -33,10 +33,12 @@ def _build_model(cfg):
 def test_every_config_is_covered():
     names = sorted(os.path.relpath(p, CONFIG_DIR) for p in ALL_CONFIGS)
     assert names == ['demo/mask_rcnn_swin_t_synthetic.py', 'demo/upernet_swin_t_synthetic.py',
-                     'mask_rcnn_swin_t.py', 'upernet_swin_t_ade20k.py']
+                     'mask_rcnn_deit_s_fpn.py', 'mask_rcnn_swin_t.py', 'mask_rcnn_vit_b_fpn.py',
+                     'upernet_deit_s16_ade20k.py', 'upernet_swin_t_ade20k.py', 'upernet_vit_b16_ade20k.py']
 
 
-@pytest.mark.parametrize('path', ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
+@pytest.mark.parametrize('path', [p for p in ALL_CONFIGS if 'swin' in os.path.basename(p)],
+                         ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_builds_model_with_our_swin(path):
     from vit_backbones import get_backbone_class
     cfg = Config.fromfile(path)
@@ -189,3 +191,112 @@ def test_upernet_demo_config_trains_and_predicts(tmp_path):
     assert int(seg.min()) >= 0 and int(seg.max()) < 4
     gt = sample.gt_sem_seg.data
     assert set(gt.unique().tolist()) <= {0, 1, 2, 3, 255} and 255 in gt.unique().tolist()
+
+
+# ------------------------------------------------------------------------------------------ ViT / DeiT
+PLAIN_CONFIGS = {  # config -> (backbone type, arch, backbone parameters without the pyramid neck)
+    'mask_rcnn_vit_b_fpn.py': ('ViT', 'base', 85.80e6),
+    'mask_rcnn_deit_s_fpn.py': ('DeiT', 'small', 21.67e6),
+    'upernet_vit_b16_ade20k.py': ('ViT', 'base', 85.80e6),
+    'upernet_deit_s16_ade20k.py': ('DeiT', 'small', 21.67e6),
+}
+PLAIN_TINY = dict(base='small', embed_dims=32, depth=4, num_heads=2)
+
+
+@pytest.mark.parametrize('name', sorted(PLAIN_CONFIGS))
+def test_plain_config_builds_model(name):
+    from vit_backbones import get_backbone_class
+    cfg = _load(name)
+    assert cfg.custom_imports == dict(imports=['vit_backbones'], allow_failed_imports=False)
+    kind, arch, n_params = PLAIN_CONFIGS[name]
+    assert cfg.model.backbone.type == kind and cfg.model.backbone.arch == arch
+    model = _build_model(cfg)
+    bb = model.backbone
+    assert isinstance(bb, get_backbone_class(kind))
+    n = sum(p.numel() for k, p in bb.named_parameters() if not k.startswith('pyramid.'))
+    assert n == pytest.approx(n_params + (bb.pos_embed.numel() - (1 + 196) * bb.embed_dims), rel=0.01)
+    model.eval()
+    with torch.no_grad():
+        feats = model.extract_feat(torch.rand(1, 3, 96, 128))
+    if cfg.default_scope == 'mmdet':  # ViTDet pyramid -> FPN: five 256-channel levels, strides 4..64
+        assert cfg.model.neck.in_channels == bb.out_channels
+        assert [tuple(f.shape) for f in feats] == [(1, 256, 24, 32), (1, 256, 12, 16), (1, 256, 6, 8),
+                                                    (1, 256, 3, 4), (1, 256, 2, 2)]
+    else:  # deconvolution pyramid straight into UperNet
+        c = bb.embed_dims
+        assert cfg.model.decode_head.in_channels == bb.out_channels == [c] * 4
+        assert [tuple(f.shape) for f in feats] == [(1, c, 24, 32), (1, c, 12, 16), (1, c, 6, 8), (1, c, 3, 4)]
+
+
+def test_plain_recipes():
+    det = _load('mask_rcnn_vit_b_fpn.py').model.backbone
+    assert (det.pyramid, det.window_size, tuple(det.global_attn_indexes), det.rel_pos) == ('simple', 14, (2, 5, 8, 11), True)
+    assert det.drop_path_rate == 0.1 and det.final_norm is False
+    seg = _load('upernet_vit_b16_ade20k.py')
+    assert (seg.model.backbone.img_size, tuple(seg.model.backbone.block_indices)) == (512, (2, 5, 8, 11))
+    assert seg.model.backbone.drop_path_rate == 0.0 and seg.model.auxiliary_head.in_index == 3
+    assert seg.train_cfg.max_iters == 160000 and seg.optim_wrapper.optimizer.lr == 6e-5
+    assert set(seg.optim_wrapper.paramwise_cfg.custom_keys) == {'pos_embed', 'cls_token', 'norm'}
+    deit = _load('upernet_deit_s16_ade20k.py').model.backbone
+    assert (deit.type, deit.arch, deit.drop_path_rate) == ('DeiT', 'small', 0.1)
+    assert deit.init_cfg.checkpoint.endswith('deit_small_patch16_224-cd65a155.pth')
+
+
+def _plain_on_demo(demo_name, name):
+    """The demo (synthetic-data) config with the backbone and neck/head channels of ``name``, the backbone
+    shrunk to a 32-wide, 4-block arch (windows of 4 tokens with blocks 1 and 3 global for ViTDet)."""
+    import vit_backbones
+    demo, full = _load(demo_name), _load(name)
+    bb = full.model.backbone.copy()
+    bb.update(arch=PLAIN_TINY, init_cfg=None, block_indices=None)
+    if bb.get('window_size'):
+        bb.update(window_size=4, global_attn_indexes=(1, 3))
+    kind = bb.pop('type')
+    chans = vit_backbones.build_backbone(kind, **bb).out_channels
+    bb['type'] = kind
+    demo.model.backbone = bb
+    if demo.default_scope == 'mmdet':
+        demo.model.neck = full.model.neck.copy()
+        demo.model.neck.in_channels = chans
+    else:
+        demo.model.decode_head.in_channels = chans
+        demo.model.auxiliary_head.in_channels = chans[full.model.auxiliary_head.in_index]
+        demo.model.auxiliary_head.in_index = full.model.auxiliary_head.in_index
+    return demo
+
+
+@pytest.mark.parametrize('name', ['mask_rcnn_vit_b_fpn.py', 'mask_rcnn_deit_s_fpn.py'])
+def test_plain_mask_rcnn_trains_and_predicts(tmp_path, name):
+    from mmengine.dataset import pseudo_collate
+    from vit_backbones.data import make_coco_instances
+    root = str(tmp_path / 'coco') + os.sep
+    paths = make_coco_instances(root, num_train=2, num_val=1, image_size=(96, 96), seed=0)
+    cfg = _plain_on_demo('demo/mask_rcnn_swin_t_synthetic.py', name)
+    _set_size(cfg, (96, 96))
+    runner, changed = _tiny_run(cfg, tmp_path / 'work', root, paths['val_ann'])
+    assert any(k.startswith('backbone.blocks.') for k in changed) and any(k.startswith('backbone.pyramid.') for k in changed)
+    assert any(k.startswith('roi_head.mask_head') for k in changed)
+    runner.model.eval()
+    with torch.no_grad():
+        sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
+    pred = sample.pred_instances
+    assert pred.bboxes.shape[1] == 4 and tuple(pred.masks.shape[1:]) == (96, 96)
+
+
+@pytest.mark.parametrize('name', ['upernet_vit_b16_ade20k.py', 'upernet_deit_s16_ade20k.py'])
+def test_plain_upernet_trains_and_predicts(tmp_path, name):
+    from mmengine.dataset import pseudo_collate
+    from vit_backbones.data import make_ade_like
+    root = str(tmp_path / 'ade') + os.sep
+    make_ade_like(root, num_train=2, num_val=1, image_size=(96, 96), seed=0)
+    cfg = _plain_on_demo('demo/upernet_swin_t_synthetic.py', name)
+    cfg.model.data_preprocessor.size = (96, 96)
+    _set_size(cfg, (96, 96))
+    runner, changed = _tiny_run(cfg, tmp_path / 'work', root)
+    assert any(k.startswith('backbone.blocks.') for k in changed) and any(k.startswith('backbone.pyramid.') for k in changed)
+    assert any(k.startswith('decode_head.') for k in changed)
+    runner.model.eval()
+    with torch.no_grad():
+        sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
+    seg = sample.pred_sem_seg.data
+    assert tuple(seg.shape) == (1, 96, 96) and int(seg.min()) >= 0 and int(seg.max()) < 4
