@@ -300,3 +300,132 @@ def test_plain_upernet_trains_and_predicts(tmp_path, name):
         sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
     seg = sample.pred_sem_seg.data
     assert tuple(seg.shape) == (1, 96, 96) and int(seg.min()) >= 0 and int(seg.max()) < 4
+
+
+# ------------------------------------------------------------------------------------------ PVT v1 / v2
+PVT_CONFIGS = {  # config -> (backbone type, arch, backbone parameters)
+    'retinanet_pvtv2_b2_fpn_1x_coco.py': ('PVTv2', 'b2', 24.85e6),
+    'fpn_pvtv2_b2_ade20k_40k.py': ('PVTv2', 'b2', 24.85e6),
+    'retinanet_pvt_s_fpn_1x_coco.py': ('PVT', 'small', 23.97e6),
+    'fpn_pvt_s_ade20k_40k.py': ('PVT', 'small', 23.97e6),
+}
+PVT_TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+
+
+@pytest.mark.parametrize('name', sorted(PVT_CONFIGS))
+def test_pvt_config_builds_model(name):
+    from vit_backbones import get_backbone_class
+    cfg = _load(name)
+    assert cfg.custom_imports == dict(imports=['vit_backbones'], allow_failed_imports=False)
+    kind, arch, n_params = PVT_CONFIGS[name]
+    assert cfg.model.backbone.type == kind and cfg.model.backbone.arch == arch
+    assert cfg.model.backbone.init_cfg.type == 'Pretrained'
+    model = _build_model(cfg)
+    bb = model.backbone
+    assert isinstance(bb, get_backbone_class(kind))
+    assert sum(p.numel() for p in bb.parameters()) == pytest.approx(n_params, rel=0.01)
+    assert cfg.model.neck.in_channels == bb.out_channels == [64, 128, 320, 512]
+    model.eval()
+    with torch.no_grad():
+        feats = model.extract_feat(torch.rand(1, 3, 96, 128))
+    if cfg.default_scope == 'mmdet':  # RetinaNet FPN: P3-P7, strides 8..128
+        assert [tuple(f.shape) for f in feats] == [(1, 256, 12, 16), (1, 256, 6, 8), (1, 256, 3, 4),
+                                                    (1, 256, 2, 2), (1, 256, 1, 1)]
+    else:  # Semantic FPN neck: strides 4..32
+        assert [tuple(f.shape) for f in feats] == [(1, 256, 24, 32), (1, 256, 12, 16), (1, 256, 6, 8),
+                                                    (1, 256, 3, 4)]
+
+
+@pytest.mark.parametrize('name', ['retinanet_pvtv2_b2_fpn_1x_coco.py', 'retinanet_pvt_s_fpn_1x_coco.py'])
+def test_pvt_retinanet_recipe(name):
+    cfg = _load(name)
+    assert cfg.default_scope == 'mmdet' and cfg.model.type == 'RetinaNet'
+    assert cfg.model.backbone.drop_path_rate == 0.1 and tuple(cfg.model.backbone.out_indices) == (0, 1, 2, 3)
+    neck = cfg.model.neck
+    assert (neck.type, neck.start_level, neck.add_extra_convs, neck.num_outs) == ('FPN', 1, 'on_input', 5)
+    assert cfg.model.bbox_head.type == 'RetinaHead' and cfg.model.bbox_head.num_classes == 80
+    assert cfg.train_dataloader.batch_size == 2 and cfg.auto_scale_lr.base_batch_size == 16
+    assert cfg.train_cfg.type == 'EpochBasedTrainLoop' and cfg.train_cfg.max_epochs == 12
+    steps = [s for s in cfg.param_scheduler if s.type == 'MultiStepLR']
+    assert len(steps) == 1 and steps[0].milestones == [8, 11]
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 1e-4, 1e-4)
+    assert cfg.val_evaluator.metric == 'bbox'
+
+
+@pytest.mark.parametrize('name', ['fpn_pvtv2_b2_ade20k_40k.py', 'fpn_pvt_s_ade20k_40k.py'])
+def test_pvt_semantic_fpn_recipe(name):
+    cfg = _load(name)
+    assert cfg.default_scope == 'mmseg' and cfg.model.type == 'EncoderDecoder'
+    assert cfg.model.neck.type == 'FPN' and cfg.model.neck.num_outs == 4
+    head = cfg.model.decode_head
+    assert (head.type, head.channels, head.num_classes, head.feature_strides) == ('FPNHead', 128, 150, [4, 8, 16, 32])
+    assert cfg.crop_size == (512, 512) and cfg.model.data_preprocessor.size == (512, 512)
+    assert cfg.train_dataloader.dataset.type == 'ADE20KDataset' and cfg.train_dataloader.batch_size == 4
+    assert cfg.train_cfg.type == 'IterBasedTrainLoop' and cfg.train_cfg.max_iters == 40000
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 2e-4, 1e-4)
+    (poly, ) = cfg.param_scheduler
+    assert poly.type == 'PolyLR' and (poly.begin, poly.end, poly.power, poly.eta_min) == (0, 40000, 0.9, 0.0)
+
+
+def _pvt_on_synthetic(name, root):
+    """The config with a 16-wide one-block-per-stage backbone of the same type, random init, and its
+    datasets pointed at tiny synthetic data (3 shapes; 96 px images)."""
+    import vit_backbones
+    from vit_backbones.data import DEFAULT_CLASSES, ade_class_names
+    cfg = _load(name)
+    bb = cfg.model.backbone
+    bb.update(arch=dict(base=bb.arch, **PVT_TINY), init_cfg=None)
+    cfg.model.neck.in_channels = vit_backbones.build_backbone(bb.type, bb.arch).out_channels
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].update(num_workers=0, persistent_workers=False)
+    cfg.train_dataloader.update(sampler=dict(type='InfiniteSampler', shuffle=True), batch_sampler=None)
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=1, val_interval=1)
+    if cfg.default_scope == 'mmdet':
+        cfg.model.bbox_head.num_classes = len(DEFAULT_CLASSES)
+        for loader in ('train_dataloader', 'val_dataloader'):
+            cfg[loader].dataset.metainfo = dict(classes=DEFAULT_CLASSES)
+    else:
+        classes = ade_class_names()
+        cfg.model.decode_head.num_classes = len(classes)
+        cfg.model.data_preprocessor.size = (96, 96)
+        for loader in ('train_dataloader', 'val_dataloader'):
+            cfg[loader].dataset.update(type='BaseSegDataset', metainfo=dict(classes=classes), img_suffix='.jpg',
+                                       seg_map_suffix='.png', reduce_zero_label=True)
+        cfg.model.decode_head.norm_cfg = dict(type='BN', requires_grad=True)  # one CPU process: no SyncBN
+    cfg.test_dataloader = cfg.val_dataloader
+    _set_size(cfg, (96, 96))
+    return cfg
+
+
+@pytest.mark.parametrize('name', ['retinanet_pvtv2_b2_fpn_1x_coco.py', 'retinanet_pvt_s_fpn_1x_coco.py'])
+def test_pvt_retinanet_trains_and_predicts(tmp_path, name):
+    from mmengine.dataset import pseudo_collate
+    from vit_backbones.data import make_coco_instances
+    root = str(tmp_path / 'coco') + os.sep
+    paths = make_coco_instances(root, num_train=2, num_val=1, image_size=(96, 96), seed=0)
+    cfg = _pvt_on_synthetic(name, root)
+    runner, changed = _tiny_run(cfg, tmp_path / 'work', root, paths['val_ann'])
+    assert any(k.startswith('backbone.stages.3.') for k in changed) and any(k.startswith('bbox_head.') for k in changed)
+    runner.model.eval()
+    with torch.no_grad():
+        sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
+    pred = sample.pred_instances
+    assert pred.bboxes.shape[1] == 4 and len(pred) <= 100 and ((pred.labels >= 0) & (pred.labels < 3)).all()
+
+
+@pytest.mark.parametrize('name', ['fpn_pvtv2_b2_ade20k_40k.py', 'fpn_pvt_s_ade20k_40k.py'])
+def test_pvt_semantic_fpn_trains_and_predicts(tmp_path, name):
+    from mmengine.dataset import pseudo_collate
+    from vit_backbones.data import make_ade_like
+    root = str(tmp_path / 'ade') + os.sep
+    make_ade_like(root, num_train=2, num_val=1, image_size=(96, 96), seed=0)
+    cfg = _pvt_on_synthetic(name, root)
+    runner, changed = _tiny_run(cfg, tmp_path / 'work', root)
+    assert any(k.startswith('backbone.stages.0.') for k in changed) and any(k.startswith('decode_head.') for k in changed)
+    runner.model.eval()
+    with torch.no_grad():
+        sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
+    seg = sample.pred_sem_seg.data
+    assert tuple(seg.shape) == (1, 96, 96) and int(seg.min()) >= 0 and int(seg.max()) < 4
