@@ -277,6 +277,51 @@ def test_pos_embed_resampling_matches_the_definition(new_hw):
     assert float((out[:, 1:].double() - ref).abs().max()) < 1e-5
 
 
+def _antialias_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of the antialiased bicubic that timm's resample_abs_pos_embed asks for
+    (F.interpolate(..., antialias=True)), from its definition: PIL's cubic kernel (a = -0.5), support
+    widened by the scale when shrinking, and the taps inside the image renormalised to sum to 1 (no
+    border clamping)."""
+    a = -0.5
+
+    def k(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        if t < 2:
+            return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+        return 0.
+
+    scale = n_in / n_out
+    stretch = max(scale, 1.)
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        centre = (o + 0.5) * scale
+        lo, hi = max(int(centre - 2 * stretch + 0.5), 0), min(int(centre + 2 * stretch + 0.5), n_in)
+        taps = [k((j - centre + 0.5) / stretch) for j in range(lo, hi)]
+        for j, v in zip(range(lo, hi), taps):
+            w[o, j] = v / sum(taps)
+    return w
+
+
+@pytest.mark.parametrize('new_hw', [(18, 20), (7, 9)])
+def test_timm_antialias_resampling_is_another_kernel(new_hw):
+    """timm (antialias=True) and we (HF, mmseg, detectron2, ViT-Adapter: antialias=False) resample with
+    different kernels, growing or shrinking: a = -0.5 renormalised vs a = -0.75 clamped. Each matches
+    its own definition; they agree only when the grid is unchanged."""
+    g = torch.Generator().manual_seed(1)
+    pe = torch.randn(1, 1 + 14 * 14, 8, generator=g)
+    grid = pe[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    timm_like = F.interpolate(grid, size=new_hw, mode='bicubic', align_corners=False, antialias=True)
+    ref = torch.einsum('ai,bj,cij->cab', _antialias_weights(14, new_hw[0]), _antialias_weights(14, new_hw[1]),
+                       grid[0].double())
+    assert float((timm_like[0].double() - ref).abs().max()) < 1e-5
+    ours = resample_abs_pos_embed(pe, new_hw, (14, 14), 1)[:, 1:].reshape(1, *new_hw, 8).permute(0, 3, 1, 2)
+    assert float((ours - timm_like).abs().max()) > 0.1
+    same = F.interpolate(grid, size=(14, 14), mode='bicubic', align_corners=False, antialias=True)
+    assert torch.equal(same, grid) and torch.equal(resample_abs_pos_embed(pe, (14, 14), (14, 14), 1), pe)
+
+
 # ----------------------------------------------------------------------------- ViTDet windows
 def test_window_block_matches_a_direct_reference():
     """Windowed block = pad the normed map to a multiple of the window, attend per window (with the

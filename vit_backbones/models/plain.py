@@ -33,7 +33,7 @@ from ..checkpoint.loader import CheckpointMismatchError
 from ..layers import PatchEmbed, drop_path_schedule, resample_abs_pos_embed
 from ..layers.pyramid import FeaturePyramid
 from ..layers.vit_block import LayerNormEps6, ViTBlock
-from .base import BaseBackbone
+from .base import BaseBackbone, init_transformer_weights
 
 
 def quarter_blocks(depth: int) -> Tuple[int, ...]:
@@ -164,7 +164,7 @@ class PlainBackbone(BaseBackbone):
             for i, (c, s) in enumerate(zip(self.pyramid.out_dims, self.pyramid.strides))
         ]
         self.min_input_size = max(self.pyramid.strides)
-        self._init_params()
+        self._default_init()
         self._freeze_stages()
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -180,24 +180,12 @@ class PlainBackbone(BaseBackbone):
                         self.attn_drop_rate, drop_path, layer_scale=self.layer_scale, window_size=window_size,
                         rel_pos=self.rel_pos and window_size > 0)
 
-    def _init_params(self):
+    def _default_init(self):
+        """Prefix tokens and position embedding: truncated normal (std .02); the rest as every backbone."""
         for name in self.prefix_token_names:
             nn.init.trunc_normal_(getattr(self, name), std=.02)
         nn.init.trunc_normal_(self.pos_embed, std=.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def init_weights(self):
-        if self.init_cfg is None:
-            self._init_params()
-            return
-        super().init_weights()
+        self.apply(init_transformer_weights)
 
     # ------------------------------------------------------------------ forward
     def runtime_pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
