@@ -33,7 +33,9 @@ def _build_model(cfg):
 def test_every_config_is_covered():
     names = sorted(os.path.relpath(p, CONFIG_DIR) for p in ALL_CONFIGS)
     assert names == ['demo/mask_rcnn_swin_t_synthetic.py', 'demo/upernet_swin_t_synthetic.py',
+                     'fpn_pvt_s_ade20k_40k.py', 'fpn_pvtv2_b2_ade20k_40k.py',
                      'mask_rcnn_deit_s_fpn.py', 'mask_rcnn_swin_t.py', 'mask_rcnn_vit_b_fpn.py',
+                     'retinanet_pvt_s_fpn_1x_coco.py', 'retinanet_pvtv2_b2_fpn_1x_coco.py',
                      'upernet_deit_s16_ade20k.py', 'upernet_swin_t_ade20k.py', 'upernet_vit_b16_ade20k.py']
 
 
