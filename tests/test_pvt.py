@@ -136,6 +136,30 @@ def test_hf_v2_classification_checkpoint_drops_head():
     assert report.dropped['head.weight'] == 'classification head' and not report.missing
 
 
+def test_parity_hf_pvt_v2_backbone_odd_size():
+    from transformers import PvtV2Backbone, PvtV2Config
+    cfg = PvtV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 2, 1, 1], num_attention_heads=[1, 2, 4, 8],
+                      mlp_ratios=[2, 2, 2, 2], out_features=['stage2', 'stage4'])
+    hf = _randomize(PvtV2Backbone(cfg)).eval()
+    ours = _v2(layer_norm_eps=1e-6, out_indices=(1, 3)).eval()
+    assert ours.load_checkpoint(hf.state_dict()).source_format == 'hf'
+    x = torch.randn(1, 3, 75, 141)
+    with torch.no_grad():
+        assert _max_diff(hf(x).feature_maps, ours(x)) < 1e-4
+
+
+def test_hf_v1_classification_checkpoint():
+    from transformers import PvtConfig, PvtForImageClassification
+    hf = PvtForImageClassification(PvtConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 2, 1, 1],
+                                             num_attention_heads=[1, 2, 4, 8], mlp_ratios=[2, 2, 2, 2], num_labels=5))
+    report = _v1().load_checkpoint(hf.state_dict())
+    assert report.source_format == 'hf' and not report.missing
+    assert {'head.weight', 'cls_token', 'norm.weight', 'pos_embed4[:, :1]'} <= set(report.dropped)
+    report = _v1(use_cls_token=True, out_norm=True).load_checkpoint(hf.state_dict())
+    assert {'stages.3.cls_token', 'norm3.weight'} <= set(report.loaded)
+    assert set(report.missing) == {f'norm{i}.{p}' for i in range(3) for p in ('weight', 'bias')}
+
+
 def _hf_v1(image_size=224):
     from transformers import PvtConfig, PvtModel
     cfg = PvtConfig(image_size=image_size, hidden_sizes=[16, 32, 64, 128], depths=[1, 2, 1, 1],
