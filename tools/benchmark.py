@@ -10,7 +10,8 @@ For each input size (HxWxBATCH) it times, with the same weights in both models:
     error against ours in fp32.
 Each timing is the median of ``--repeats`` runs after ``--warmup`` runs. Peak memory is the CUDA
 allocator's peak on a GPU; on the CPU it is the growth of the process' peak RSS during the timed runs,
-measured in a fresh subprocess per case so cases do not hide each other's peaks.
+measured in a fresh subprocess per case (peak RSS minus the RSS before the first pass), so cases do
+not hide each other's peaks.
 Ratios are anchor time / our time (>1: ours is faster).
 """
 import argparse
@@ -48,6 +49,11 @@ def shared_weights(model: str, drop_path: float):
     return anchor, ours
 
 
+def _current_rss() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -77,14 +83,14 @@ def time_case(impl, model, mode, amp, size, repeats, warmup, device, drop_path):
         sum(o.float().mean() for o in outs).backward()
         return outs
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:  # resident set before the first pass; the peak below includes warm-up passes (same work)
+        base = _current_rss()
+    for _ in range(warmup):
+        step()
+    _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
