@@ -357,6 +357,7 @@ def test_window_layout_and_checkpoint():
     assert sorted(k for k in report.missing if not k.startswith('pyramid.')) == [
         f'blocks.{i}.attn.rel_pos.relative_position_bias_table' for i in range(3)]
     assert torch.equal(win.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
+    assert report.dropped['cls_token'].startswith('prefix token') and torch.equal(win.pos_embed, src.pos_embed)
 
 
 def test_window_covering_the_grid_equals_global_attention_without_prefix():
@@ -378,11 +379,8 @@ def test_window_covering_the_grid_equals_global_attention_without_prefix():
 def test_every_parameter_gets_a_gradient(kw):
     m = vit_backbones.build_backbone('DeiT', SMALL_D, **kw).train()
     sum(o.mean() for o in m(torch.randn(2, 3, 64, 80))).backward()
-    no_grad = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    if kw.get('window_size'):  # the prefix tokens are dropped by windowed models (ViTDet)
-        assert no_grad == ['cls_token', 'dist_token']
-    else:
-        assert no_grad == []
+    assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert hasattr(m, 'dist_token') != bool(kw)  # windowed models have no prefix-token parameters
 
 
 def test_with_cp_same_outputs_and_gradients():

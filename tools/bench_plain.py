@@ -4,8 +4,10 @@ block and with ViTDet's windowed attention (window in most blocks, global in a f
     python tools/bench_plain.py --model ViT --arch base --sizes 512 1024
     python tools/bench_plain.py --arch tiny --window-size 14 --global-attn 2 5 8 11 --repeats 3
 
-Prints one line per (setting, size) with the median forward time, and the growth factor between the
-first and last size. Attention over N tokens costs O(N^2) globally but O(N * w^2) in windows, so the
+Prints one line per (setting, size) with the fastest and the median forward time (the fastest is the
+least disturbed by other processes on a shared machine) and the forward FLOPs (counted with
+``torch.utils.flop_counter`` on the meta device: exact and noise-free), and the growth factors between
+the first and last size. Attention over N tokens costs O(N^2) globally but O(N * w^2) in windows, so the
 growth from 512 to 1024 (4x the tokens) tends to 16x for global attention and 4x for windows once
 attention dominates.
 """
@@ -34,7 +36,19 @@ def time_forward(model, size, repeats, warmup, device, batch):
             model(x)
             sync()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times), statistics.median(times)
+
+
+def count_flops(build, size):
+    """Forward FLOPs (matmuls, convolutions, attention) of a model built on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'):
+        model = build().eval()
+        x = torch.randn(1, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops()
 
 
 def main():
@@ -63,16 +77,19 @@ def main():
     print(f'{args.model}-{args.arch}, pyramid=simple, batch {args.batch}, device {device}, '
           f'threads {torch.get_num_threads()}, global blocks in windowed model: {tuple(args.global_attn)}')
     for name, kw in settings.items():
-        model = vit_backbones.build_backbone(args.model, args.arch, pyramid='simple', drop_path_rate=0., **kw).eval()
-        model = model.to(device)
+        build = lambda: vit_backbones.build_backbone(args.model, args.arch, pyramid='simple', drop_path_rate=0., **kw)  # noqa: E731
+        flops = [count_flops(build, s) for s in args.sizes]
+        model = build().eval().to(device)
         if args.half and device.type == 'cuda':
             model = model.half()
         results = []
-        for s in args.sizes:
-            t = time_forward(model, s, args.repeats, args.warmup, device, args.batch)
-            results.append(t)
-            print(f'  {name:>9} {s:>5}x{s:<5} {t * 1000:10.1f} ms')
-        print(f'  {name:>9} growth {args.sizes[0]} -> {args.sizes[-1]}: x{results[-1] / results[0]:.2f}')
+        for s, f in zip(args.sizes, flops):
+            best, med = time_forward(model, s, args.repeats, args.warmup, device, args.batch)
+            results.append(best)
+            print(f'  {name:>9} {s:>5}x{s:<5} best {best * 1000:9.1f} ms  median {med * 1000:9.1f} ms  '
+                  f'{f / 1e9:8.1f} GFLOPs')
+        print(f'  {name:>9} growth {args.sizes[0]} -> {args.sizes[-1]}: time x{results[-1] / results[0]:.2f}, '
+              f'FLOPs x{flops[-1] / flops[0]:.2f}')
         del model
 
 

@@ -19,8 +19,10 @@ A subclass supplies its pieces by overriding the hooks, each small:
 
 ViTDet's high-resolution option is available to every plain model: ``window_size=w`` makes every block
 attend inside w x w windows except those in ``global_attn_indexes``; ``rel_pos=True`` adds a learned
-relative position bias in the windowed blocks. As in ViTDet the prefix tokens are dropped (after their
-position embedding is added) when windows are used, since they belong to no window.
+relative position bias in the windowed blocks. As in ViTDet the prefix tokens belong to no window, so a
+windowed model has none: it keeps the position embedding's prefix slots (so classification checkpoints
+load unchanged) but builds no prefix-token parameters (a checkpoint's are dropped with a reason), and
+every parameter takes part in the forward (no unused parameters under DistributedDataParallel).
 """
 import math
 import re
@@ -57,7 +59,8 @@ class PlainBackbone(BaseBackbone):
             (ViTDet: every level from the last tapped block).
         block_indices: the blocks whose outputs feed the pyramid. 'deconv': one per level (default the last
             block of each quarter, e.g. (2, 5, 8, 11), as mmseg's ViT configs); 'simple': one block
-            (default the last).
+            (default the last). Blocks after the last tap are not run (and get no gradient: include the
+            last block, as the defaults do, when training under DistributedDataParallel).
         pyramid_norm: norm inside the pyramid ('bn', 'ln', 'gn'); default 'bn' for 'deconv' (BEiT uses
             SyncBN) and 'ln' for 'simple' (ViTDet).
         pyramid_channels: 'simple' only: project each level to this many channels (ViTDet's 256); None
@@ -66,7 +69,7 @@ class PlainBackbone(BaseBackbone):
             is tapped (mmseg's ``final_norm``). False leaves ``norm`` out of the model.
         window_size, global_attn_indexes, rel_pos: ViTDet's windowed attention (0 = off).
         output_cls_token: also return the prefix tokens of the last tapped block, as a (B, P, C) tensor
-            after the maps (not possible with windows, which drop the prefix tokens).
+            after the maps (P = 1, or 2 for distilled DeiT; not possible with windows, which have none).
         out_indices: pyramid levels to return (0..3 = strides 4, 8, 16, 32).
         frozen_stages: -1 nothing; 0 the stem, prefix tokens and position embedding; k >= 1 also blocks
             0..k-1. The pyramid is never frozen.
@@ -141,7 +144,7 @@ class PlainBackbone(BaseBackbone):
 
         # stem, prefix tokens, position embedding
         self.patch_embed = self._build_stem()
-        for name in self.prefix_token_names:
+        for name in self.prefix_params:
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, self.embed_dims)))
         n_pos = self.pos_grid[0] * self.pos_grid[1] + (self.num_prefix_tokens if self.pos_embed_on_prefix else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, self.embed_dims))
@@ -172,6 +175,11 @@ class PlainBackbone(BaseBackbone):
     def num_prefix_tokens(self) -> int:
         return len(self.prefix_token_names)
 
+    @property
+    def prefix_params(self) -> Tuple[str, ...]:
+        """The prefix-token parameters this model builds (none with windows, which drop them)."""
+        return () if self.window_size else self.prefix_token_names
+
     def _build_stem(self) -> nn.Module:
         return PatchEmbed(self.in_chans, self.embed_dims, self.patch_size)
 
@@ -182,7 +190,7 @@ class PlainBackbone(BaseBackbone):
 
     def _default_init(self):
         """Prefix tokens and position embedding: truncated normal (std .02); the rest as every backbone."""
-        for name in self.prefix_token_names:
+        for name in self.prefix_params:
             nn.init.trunc_normal_(getattr(self, name), std=.02)
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         self.apply(init_transformer_weights)
@@ -198,14 +206,15 @@ class PlainBackbone(BaseBackbone):
         x = self.patch_embed(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
-        prefix = [getattr(self, n).expand(b, -1, -1) for n in self.prefix_token_names]
         pos = self.runtime_pos_embed((h, w))
         if self.pos_embed_on_prefix:
-            x = torch.cat(prefix + [x], dim=1) + pos
-        else:
-            x = torch.cat(prefix + [x + pos], dim=1)
-        if self.window_size:  # prefix tokens belong to no window (ViTDet drops the class token)
-            x = x[:, self.num_prefix_tokens:]
+            pos_prefix, pos = pos[:, :self.num_prefix_tokens], pos[:, self.num_prefix_tokens:]
+        x = x + pos
+        if self.prefix_params:  # windowed models have none: prefix tokens belong to no window (as ViTDet)
+            prefix = [getattr(self, n).expand(b, -1, -1) for n in self.prefix_params]
+            if self.pos_embed_on_prefix:
+                prefix = [t + pos_prefix[:, i:i + 1] for i, t in enumerate(prefix)]
+            x = torch.cat(prefix + [x], dim=1)
         return self.pos_drop(x), (h, w)
 
     @property
@@ -260,7 +269,7 @@ class PlainBackbone(BaseBackbone):
     def _freeze_stages(self):
         super()._freeze_stages()
         if self.frozen_stages >= 0:
-            for name in self.prefix_token_names + ('pos_embed', ):
+            for name in self.prefix_params + ('pos_embed', ):
                 getattr(self, name).requires_grad = False
             if self.frozen_stages == self.depth and self.norm is not None:
                 self.norm.eval()

@@ -96,6 +96,9 @@ class ViT(PlainBackbone):
                 'HF transformers (encoder.layer.N.attention / layers.N.attention), mmseg (layers.N.attn.attn.'
                 f'in_proj_weight) or vit_backbones layouts; first keys: {sorted(keys)[:5]}')
         self._check_prefix_tokens(out, fmt)
+        for k in [k for k in self.prefix_token_names if k in out and k not in self.prefix_params]:
+            dropped[k] = 'prefix token (windowed models have none, as ViTDet)'
+            del out[k]
         if self.norm is None:
             for k in [k for k in out if k.startswith('norm.')]:
                 dropped[k] = 'final norm (final_norm=False)'
