@@ -323,23 +323,15 @@ def _timm_to_official(sd):
     return out
 
 
-def _hf_v2_to_official(sd):
+def _hf_to_official(sd, rules, inner, kv):
+    """HF PVT layouts -> the official one: ``rules`` rename the outer (stage/block) part, ``inner`` the
+    parts inside a block, and the separate key/value projections under ``kv`` are fused into ``attn.kv``."""
     out = {}
-    rules = [
-        (r'^encoder\.layers\.(\d+)\.patch_embedding\.proj\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.proj.'),
-        (r'^encoder\.layers\.(\d+)\.patch_embedding\.layer_norm\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.norm.'),
-        (r'^encoder\.layers\.(\d+)\.layer_norm\.', lambda m: f'norm{int(m.group(1)) + 1}.'),
-        (r'^encoder\.layers\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.'),
-    ]
-    inner = [('layer_norm_1.', 'norm1.'), ('layer_norm_2.', 'norm2.'), ('attention.query.', 'attn.q.'),
-             ('attention.proj.', 'attn.proj.'), ('attention.spatial_reduction.', 'attn.sr.'),
-             ('attention.layer_norm.', 'attn.norm.'), ('mlp.dense1.', 'mlp.fc1.'), ('mlp.dense2.', 'mlp.fc2.')]
     for k, v in sd.items():
-        if re.search(r'\.attention\.(key|value)\.', k):
-            if '.attention.key.' in k and k.endswith('.weight'):
-                base = k[:-len('.attention.key.weight')]
-                nb = _apply(rules, base + '.')
-                _cat_kv(out, sd, f'{base}.attention.key', f'{base}.attention.value', nb + 'attn.kv')
+        if re.search(rf'\.{re.escape(kv)}\.(key|value)\.', k):
+            if f'.{kv}.key.' in k and k.endswith('.weight'):
+                base = k[:-len(f'.{kv}.key.weight')]
+                _cat_kv(out, sd, f'{base}.{kv}.key', f'{base}.{kv}.value', _apply(rules, base + '.') + 'attn.kv')
             continue
         nk = _apply(rules, k)
         for a, b in inner:
@@ -348,35 +340,36 @@ def _hf_v2_to_official(sd):
             nk = 'head.' + nk[len('classifier.'):]
         out[nk] = v
     return out
+
+
+_HF_V2_RULES = [
+    (r'^encoder\.layers\.(\d+)\.patch_embedding\.proj\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.proj.'),
+    (r'^encoder\.layers\.(\d+)\.patch_embedding\.layer_norm\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.norm.'),
+    (r'^encoder\.layers\.(\d+)\.layer_norm\.', lambda m: f'norm{int(m.group(1)) + 1}.'),
+    (r'^encoder\.layers\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.'),
+]
+_HF_V2_INNER = [('layer_norm_1.', 'norm1.'), ('layer_norm_2.', 'norm2.'), ('attention.query.', 'attn.q.'),
+                ('attention.proj.', 'attn.proj.'), ('attention.spatial_reduction.', 'attn.sr.'),
+                ('attention.layer_norm.', 'attn.norm.'), ('mlp.dense1.', 'mlp.fc1.'), ('mlp.dense2.', 'mlp.fc2.')]
+_HF_V1_RULES = [
+    (r'^encoder\.patch_embeddings\.(\d+)\.projection\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.proj.'),
+    (r'^encoder\.patch_embeddings\.(\d+)\.layer_norm\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.norm.'),
+    (r'^encoder\.patch_embeddings\.(\d+)\.position_embeddings$', lambda m: f'pos_embed{int(m.group(1)) + 1}'),
+    (r'^encoder\.patch_embeddings\.\d+\.cls_token$', lambda m: 'cls_token'),
+    (r'^encoder\.layer_norm\.', lambda m: 'norm.'),
+    (r'^encoder\.block\.(\d+)\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.'),
+]
+_HF_V1_INNER = [('layer_norm_1.', 'norm1.'), ('layer_norm_2.', 'norm2.'), ('attention.self.query.', 'attn.q.'),
+                ('attention.output.dense.', 'attn.proj.'), ('attention.self.sequence_reduction.', 'attn.sr.'),
+                ('attention.self.layer_norm.', 'attn.norm.'), ('mlp.dense1.', 'mlp.fc1.'), ('mlp.dense2.', 'mlp.fc2.')]
+
+
+def _hf_v2_to_official(sd):
+    return _hf_to_official(sd, _HF_V2_RULES, _HF_V2_INNER, 'attention')
 
 
 def _hf_v1_to_official(sd):
-    out = {}
-    rules = [
-        (r'^encoder\.patch_embeddings\.(\d+)\.projection\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.proj.'),
-        (r'^encoder\.patch_embeddings\.(\d+)\.layer_norm\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.norm.'),
-        (r'^encoder\.patch_embeddings\.(\d+)\.position_embeddings$', lambda m: f'pos_embed{int(m.group(1)) + 1}'),
-        (r'^encoder\.patch_embeddings\.\d+\.cls_token$', lambda m: 'cls_token'),
-        (r'^encoder\.layer_norm\.', lambda m: 'norm.'),
-        (r'^encoder\.block\.(\d+)\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.'),
-    ]
-    inner = [('layer_norm_1.', 'norm1.'), ('layer_norm_2.', 'norm2.'), ('attention.self.query.', 'attn.q.'),
-             ('attention.output.dense.', 'attn.proj.'), ('attention.self.sequence_reduction.', 'attn.sr.'),
-             ('attention.self.layer_norm.', 'attn.norm.'), ('mlp.dense1.', 'mlp.fc1.'), ('mlp.dense2.', 'mlp.fc2.')]
-    for k, v in sd.items():
-        if re.search(r'\.attention\.self\.(key|value)\.', k):
-            if '.attention.self.key.' in k and k.endswith('.weight'):
-                base = k[:-len('.attention.self.key.weight')]
-                nb = _apply(rules, base + '.')
-                _cat_kv(out, sd, f'{base}.attention.self.key', f'{base}.attention.self.value', nb + 'attn.kv')
-            continue
-        nk = _apply(rules, k)
-        for a, b in inner:
-            nk = nk.replace('.' + a, '.' + b)
-        if nk.startswith('classifier.'):
-            nk = 'head.' + nk[len('classifier.'):]
-        out[nk] = v
-    return out
+    return _hf_to_official(sd, _HF_V1_RULES, _HF_V1_INNER, 'attention.self')
 
 
 def _mmdet_to_official(sd):
