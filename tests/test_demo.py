@@ -47,3 +47,109 @@ def test_demo_quick_end_to_end(tmp_path):
     assert 'bbox mAP' in res.stdout and 'mask mAP' in res.stdout
     assert f'{summary["trained"]["bbox_mAP"]:10.3f}' in res.stdout
     assert 'evaluating the UNTRAINED model' in res.stdout
+
+
+def _load_demo_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('vit_demo', os.path.join(REPO_ROOT, 'tools', 'demo.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeLoop:
+    def __init__(self, max_iters):
+        self._max_iters = max_iters
+
+    @property
+    def max_iters(self):
+        return self._max_iters
+
+
+class _FakeRunner:
+    """What the demo hook's time budget reads and writes on a Runner."""
+
+    def __init__(self, max_iters, schedulers):
+        from mmengine.logging import MessageHub
+        self.iter = 0
+        self.train_loop = _FakeLoop(max_iters)
+        self.message_hub = MessageHub.get_instance('test_demo_budget')
+        self.message_hub.update_info('max_iters', max_iters)
+        self.param_schedulers = schedulers
+
+    @property
+    def max_iters(self):
+        return self.train_loop.max_iters
+
+
+def _schedule(max_iters=600, warmup=40, lr=4e-4):
+    import torch
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    warm = LinearLR(opt, start_factor=0.01, by_epoch=False, begin=0, end=warmup)
+    cos = CosineAnnealingLR(opt, T_max=max_iters - warmup, eta_min=lr * 0.05, by_epoch=False, begin=warmup,
+                            end=max_iters)
+    return opt, warm, cos
+
+
+class _Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def _drive(hook, clock, runner, opt, schedulers, seconds_per_iter, upto):
+    """Run hook.before_train_iter for iterations 0..upto-1 on a fake clock, stepping the schedulers."""
+    lrs = []
+    for i in range(upto):
+        runner.iter = i
+        if i >= runner.max_iters:
+            break
+        hook.before_train_iter(runner, i)
+        opt.step()
+        for s in schedulers:
+            s.step()
+        lrs.append(opt.param_groups[0]['lr'])
+        clock.now += seconds_per_iter
+    return lrs
+
+
+def test_time_budget_shortens_the_run_and_refits_the_decay():
+    demo = _load_demo_module()
+    opt, warm, cos = _schedule()
+    runner = _FakeRunner(600, [warm, cos])
+    # 100 s spent before training, 2 s per iteration, 300 s budget: 600 iterations cannot fit
+    clock = _Clock(100.0)
+    hook = demo.make_demo_hook([], t_start=0.0, budget_s=300.0, clock=clock)
+    lrs = _drive(hook, clock, runner, opt, [warm, cos], 2.0, 600)
+    left = 300.0 - (100.0 + 10 * 2.0) - 20.0
+    expected = 10 + int(0.9 * left / 2.0)
+    assert runner.max_iters == expected == hook.planned[1] and hook.planned[0] == 600
+    assert runner.message_hub.get_info('max_iters') == expected
+    assert (warm.begin, warm.end) == (0, 40)  # the warmup had started: untouched
+    assert (cos.begin, cos.end, cos.T_max) == (40, expected, expected - 40)
+    assert len(lrs) == expected
+    assert abs(lrs[39] - 4e-4) < 1e-9  # warmup reached the base lr
+    assert lrs[-1] < 0.1 * 4e-4  # the cosine decayed to near eta_min within the shortened run
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[40:], lrs[41:]))
+
+
+def test_time_budget_leaves_a_run_that_fits_alone():
+    demo = _load_demo_module()
+    opt, warm, cos = _schedule(max_iters=100)
+    runner = _FakeRunner(100, [warm, cos])
+    clock = _Clock(10.0)
+    hook = demo.make_demo_hook([], t_start=0.0, budget_s=3600.0, clock=clock)
+    _drive(hook, clock, runner, opt, [warm, cos], 1.0, 20)
+    assert runner.max_iters == 100 and (cos.end, cos.T_max) == (100, 60)
+    assert hook.planned is None  # nothing was decided: the run fits
+
+
+def test_choose_threads():
+    demo = _load_demo_module()
+    assert demo.choose_threads(3) == (3, 'as requested')
+    threads, reason = demo.choose_threads(None)
+    assert 1 <= threads <= (os.cpu_count() or 1)
+    assert 'cores' in reason

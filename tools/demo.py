@@ -1,0 +1,548 @@
+"""End-to-end demo: Mask R-CNN + Swin-T learns to find and segment shapes, on a CPU, in minutes.
+
+``python tools/demo.py`` (no arguments needed):
+
+1. writes a small synthetic COCO-format instance segmentation set (ellipses, rectangles and triangles
+   on textured backgrounds, see ``vit_backbones.data.synthetic``) into the work dir, unless it is there;
+2. builds Mask R-CNN + FPN with our ``Swin`` backbone from ``configs/demo/mask_rcnn_swin_t_synthetic.py``
+   (random initial weights: no pretrained checkpoint is downloaded) and a plain mmengine ``Runner``;
+3. evaluates the untrained model on the held-out validation images (COCO bbox and mask mAP through
+   mmdet's ``CocoMetric``), trains it, and evaluates it again;
+4. draws ground truth, untrained and trained predictions for a few validation images side by side
+   (``<work-dir>/predictions.png``) and writes every number to ``<work-dir>/demo_metrics.json``;
+5. prints a summary: mAP before and after, iterations, wall time, where the picture is.
+
+The default schedule is sized to finish in about 10-12 minutes on a 2-core CPU. ``--quick`` runs a few
+iterations on a handful of images (a smoke test; its mAP means nothing).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import random
+import sys
+import time
+
+import numpy as np
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # running from a checkout without the package installed
+    sys.path.insert(0, REPO_ROOT)
+
+DEFAULT_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'mask_rcnn_swin_t_synthetic.py')
+# mmdet's own Swin-T, for comparing with ours (--backbone mmdet); same channels and strides.
+MMDET_SWIN_T = dict(
+    type='mmdet.SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+    window_size=7, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.1, patch_norm=True,
+    out_indices=(0, 1, 2, 3), with_cp=False, init_cfg=None)
+
+
+def parse_args(argv=None):
+    """Parse the command line.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The parsed ``argparse.Namespace``.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--work-dir', default='work_dirs/demo', help='where data, logs, picture and metrics go')
+    parser.add_argument('--iters', type=int, default=None, help='training iterations (default: the config\'s)')
+    parser.add_argument('--time-budget', type=float, default=11.5,
+                        help='minutes of wall time the whole demo may take: when the measured speed says the '
+                             "config's iterations would not fit, it trains fewer (ignored with --iters; 0: no budget)")
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke test: 4 iterations, 8 train / 4 val images, no checkpoint')
+    parser.add_argument('--config', default=DEFAULT_CONFIG, help='demo config to train')
+    parser.add_argument('--num-train', type=int, default=None, help='synthetic training images (default 200)')
+    parser.add_argument('--num-val', type=int, default=None, help='synthetic validation images (default 40)')
+    parser.add_argument('--image-size', type=int, default=160, help='side of the square synthetic images')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the data and of training')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: the cores not already busy, see choose_threads)')
+    parser.add_argument('--backbone', choices=('ours', 'mmdet'), default='ours',
+                        help="ours: vit_backbones' Swin (default); mmdet: mmdet's SwinTransformer, for comparison")
+    parser.add_argument('--vis-images', type=int, default=4, help='validation images in the picture')
+    parser.add_argument('--score-thr', type=float, default=0.5, help='score threshold of drawn predictions')
+    parser.add_argument('--max-drawn', type=int, default=10, help='at most this many predictions drawn per image')
+    parser.add_argument('--no-checkpoint', action='store_true', help='do not save the trained weights')
+    return parser.parse_args(argv)
+
+
+def log(msg):
+    """Print a phase line, flushed, so it interleaves correctly with mmengine's logger."""
+    print(f'[demo {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+def seed_everything(seed):
+    """Seed Python, numpy and torch.
+
+    Args:
+        seed: The seed.
+    """
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_threads(requested=None):
+    """Pick the number of torch CPU threads.
+
+    With every core free, use them all. When other processes already keep cores busy (the 1-minute
+    load average), use only the idle ones: torch's parallel ops wait for their slowest thread, so
+    threads that must share a core with another busy process make each op wait for the scheduler.
+    Measured on a 2-core machine with two other busy processes: one thread ran the Swin-T
+    forward/backward about 4x faster than two.
+
+    Args:
+        requested: An explicit count, used as is when given.
+
+    Returns:
+        ``(threads, reason)``.
+    """
+    cores = os.cpu_count() or 1
+    if requested:
+        return requested, 'as requested'
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return cores, f'{cores} cores'
+    threads = max(1, min(cores, int(cores - load + 0.5)))
+    return threads, f'{cores} cores, load average {load:.1f} from other processes'
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def ensure_dataset(root, num_train, num_val, image_size, seed, classes):
+    """Write the synthetic COCO set into ``root`` unless an identical one is already there.
+
+    Args:
+        root: Dataset root.
+        num_train: Training images.
+        num_val: Validation images.
+        image_size: Side of the square images.
+        seed: Generator seed.
+        classes: Shape class names.
+
+    Returns:
+        True if the set was (re)written, False if it was reused.
+    """
+    from vit_backbones.data import make_coco_instances
+    params = dict(num_train=num_train, num_val=num_val, image_size=[image_size, image_size], seed=seed,
+                  classes=list(classes))
+    marker = osp.join(root, 'generator_params.json')
+    if osp.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return False
+    make_coco_instances(root, num_train, num_val, image_size=(image_size, image_size), seed=seed,
+                        classes=classes)
+    with open(marker, 'w') as f:
+        json.dump(params, f)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- config
+
+def build_config(args, data_root, work_dir, iters):
+    """Load the demo config and point it at the generated data and the work dir.
+
+    Args:
+        args: Parsed command line.
+        data_root: Synthetic COCO root (ending with a separator).
+        work_dir: Work dir.
+        iters: Training iterations.
+
+    Returns:
+        The ``mmengine.Config``.
+    """
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    cfg.work_dir = work_dir
+    cfg.randomness = dict(seed=args.seed, deterministic=False)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = data_root
+    ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
+    cfg.val_evaluator.ann_file = ann
+    cfg.test_evaluator.ann_file = ann
+    if args.backbone == 'mmdet':
+        cfg.model.backbone = dict(MMDET_SWIN_T)
+    base_iters = cfg.train_cfg.max_iters
+    cfg.train_cfg.max_iters = iters
+    cfg.train_cfg.val_interval = iters
+    # Stretch the schedule's iteration boundaries to the requested length.
+    for sched in cfg.param_scheduler:
+        for key in ('begin', 'end', 'T_max'):
+            if key in sched and sched[key] is not None:
+                sched[key] = max(1, round(sched[key] * iters / base_iters)) if sched[key] else 0
+    cfg.default_hooks.logger.interval = max(1, min(cfg.default_hooks.logger.interval, iters // 10 or 1))
+    if args.quick or args.no_checkpoint:
+        cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=-1, save_last=False)
+    else:
+        cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=iters,
+                                            max_keep_ckpts=1, save_optimizer=False, save_param_scheduler=False)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- hooks
+
+def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=10, clock=time.time):
+    """Build the hook that evaluates before training, records every validation and keeps the time budget.
+
+    The budget works like this: after ``decide_at`` training iterations the hook measures the time per
+    iteration (leaving out the first two, which are slower) and, if the configured number of iterations
+    would not fit in ``budget_s`` seconds of wall time (counted from ``t_start``, keeping room for the
+    final evaluation, estimated by the untrained one, and a 10% margin), it shortens the run. The
+    learning-rate schedules that have not started yet (the cosine decay after the warmup) are re-fitted
+    to the new length, so the run still decays to its final learning rate. It never lengthens a run.
+
+    Args:
+        vis_indices: Validation-set indices whose untrained predictions are kept for the picture.
+        t_start: ``clock()`` at the start of the demo.
+        budget_s: Wall-time budget of the whole demo in seconds; None: no budget.
+        decide_at: Iteration after which the number of iterations is decided.
+        clock: Returns the current time in seconds (``time.time``; replaceable for tests).
+
+    Returns:
+        A ``mmengine.hooks.Hook`` instance with ``results`` (list of ``(iteration, metrics, seconds)``),
+        ``untrained_predictions`` (dataset index -> prediction dict), ``train_start`` and ``planned``
+        (the iteration count before and after the budget decision).
+    """
+    from mmengine.hooks import Hook
+
+    class DemoHook(Hook):
+        """Evaluates the freshly initialised model in ``before_train``, records metrics, keeps the budget."""
+
+        priority = 'LOWEST'
+
+        def __init__(self):
+            self.results = []
+            self.untrained_predictions = {}
+            self.train_start = None
+            self.planned = None
+            self._val_start = None
+            self._iter_starts = []
+
+        def before_train(self, runner):
+            log('evaluating the UNTRAINED model (weights as initialised for training) ...')
+            self.untrained_predictions = predict(runner.model, runner.val_dataloader.dataset, vis_indices)
+            runner.val_loop.run()
+            self.train_start = clock()
+            self.planned = (runner.max_iters, runner.max_iters)
+            log(f'training for {runner.max_iters} iterations'
+                + (f' (fewer if they would not fit the {budget_s / 60:.1f}-minute budget)' if budget_s else '')
+                + ' ...')
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            self._iter_starts.append(clock())
+            if budget_s is None or runner.iter != decide_at or decide_at >= runner.max_iters:
+                return
+            per_iter = (self._iter_starts[-1] - self._iter_starts[2]) / (len(self._iter_starts) - 3)
+            eval_s = self.results[0][2] if self.results else 0.0
+            left = budget_s - (clock() - t_start) - 1.1 * eval_s - 20.0  # 20 s: picture, checkpoint
+            fit = decide_at + int(0.9 * left / per_iter)
+            if fit >= runner.max_iters:
+                log(f'{per_iter:.2f} s/iteration: all {runner.max_iters} iterations fit the budget')
+                return
+            # keep at least 10 iterations of every schedule that has not started yet (the decay)
+            pending = [sched.begin for sched in self._schedulers(runner) if sched.begin > runner.iter]
+            new = max(decide_at + 1, max(pending, default=0) + 10, fit)
+            if new >= runner.max_iters:
+                return
+            old = runner.max_iters
+            self._shorten(runner, new)
+            log(f'{per_iter:.2f} s/iteration: {old} iterations would not fit the '
+                f'{budget_s / 60:.1f}-minute budget; training for {new} instead (--iters N fixes the count)')
+            self.planned = (old, new)
+
+        def _shorten(self, runner, new):
+            old = runner.train_loop.max_iters
+            runner.train_loop._max_iters = new
+            runner.message_hub.update_info('max_iters', new)
+            for sched in self._schedulers(runner):
+                if sched.begin <= runner.iter:
+                    continue  # already running (the warmup): leave it as it is
+                sched.end = min(sched.end, new) if sched.end < old else new
+                if hasattr(sched, 'T_max'):
+                    sched.T_max = sched.end - sched.begin
+                if hasattr(sched, 'total_iters'):
+                    sched.total_iters = sched.end - sched.begin - 1
+
+        @staticmethod
+        def _schedulers(runner):
+            schedulers = runner.param_schedulers or []
+            if isinstance(schedulers, dict):
+                schedulers = [s for group in schedulers.values() for s in group]
+            return list(schedulers)
+
+        def before_val(self, runner):
+            self._val_start = clock()
+
+        def after_val_epoch(self, runner, metrics=None):
+            self.results.append((runner.iter, dict(metrics or {}), clock() - self._val_start))
+
+    return DemoHook()
+
+
+# ----------------------------------------------------------------------------------------- prediction
+
+def predict(model, dataset, indices):
+    """Run the model on some dataset items.
+
+    Args:
+        model: An mmdet detector.
+        dataset: The (test-mode) dataset.
+        indices: Which items.
+
+    Returns:
+        Dict index -> ``dict(bboxes, labels, scores, masks)`` numpy arrays in original image
+        coordinates.
+    """
+    import torch
+    from mmengine.dataset import pseudo_collate
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for i in indices:
+            sample = model.test_step(pseudo_collate([dataset[i]]))[0]
+            pred = sample.pred_instances
+            out[i] = dict(
+                bboxes=pred.bboxes.cpu().numpy(),
+                labels=pred.labels.cpu().numpy(),
+                scores=pred.scores.cpu().numpy(),
+                masks=(pred.masks.cpu().numpy().astype(bool) if 'masks' in pred
+                       else np.zeros((0,) + tuple(sample.ori_shape), bool)),
+                img_path=sample.img_path)
+    model.train(was_training)
+    return out
+
+
+COLOURS = [(60, 20, 220), (255, 128, 0), (20, 200, 20), (0, 215, 255), (200, 0, 200)]  # BGR
+
+
+def _put_label(canvas, text, x, y, colour):
+    import cv2
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+    x = int(np.clip(x, 0, canvas.shape[1] - tw - 2))
+    y = int(np.clip(y, th + 2, canvas.shape[0] - 2))
+    cv2.rectangle(canvas, (x, y - th - 2), (x + tw + 2, y + base - 1), colour, -1)
+    cv2.putText(canvas, text, (x + 1, y - 1), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def _draw_instances(image, boxes, labels, masks, texts, scale, fill=True):
+    """Draw masks (filled, or as outlines with ``fill=False``), boxes and labels on an upscaled copy of
+    ``image`` (BGR uint8)."""
+    import cv2
+    h, w = image.shape[:2]
+    size = (w * scale, h * scale)
+    canvas = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST).astype(np.float32)
+    outlines = []
+    for mask, label in zip(masks, labels):
+        colour = np.array(COLOURS[label % len(COLOURS)], np.float32)
+        big = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        if fill:
+            canvas[big > 0] = 0.5 * canvas[big > 0] + 0.5 * colour
+        contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        outlines.append((contours, tuple(int(c) for c in colour)))
+    canvas = canvas.astype(np.uint8)
+    for contours, colour in outlines:
+        cv2.drawContours(canvas, contours, -1, colour, 1 if fill else 2, cv2.LINE_AA)
+    for box, label, text in zip(boxes, labels, texts):
+        colour = COLOURS[label % len(COLOURS)]
+        x0, y0, x1, y1 = (np.asarray(box) * scale).round().astype(int)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 1)
+        _put_label(canvas, text, x0, y0 - 1, colour)
+    return canvas
+
+
+def _gt_for_image(coco_doc, img_path):
+    """Ground-truth boxes (xyxy), labels (0-based) and polygon masks of one image of a COCO json."""
+    import cv2
+    name = osp.basename(img_path)
+    image = next(im for im in coco_doc['images'] if im['file_name'] == name)
+    cat_index = {c['id']: i for i, c in enumerate(coco_doc['categories'])}
+    boxes, labels, masks = [], [], []
+    for ann in coco_doc['annotations']:
+        if ann['image_id'] != image['id']:
+            continue
+        x, y, w, h = ann['bbox']
+        boxes.append([x, y, x + w, y + h])
+        labels.append(cat_index[ann['category_id']])
+        mask = np.zeros((image['height'], image['width']), np.uint8)
+        for poly in ann['segmentation']:
+            pts = np.round((np.asarray(poly).reshape(-1, 2) - 0.5) * 16).astype(np.int32)
+            cv2.fillPoly(mask, [pts], 1, shift=4)
+        masks.append(mask > 0)
+    return boxes, labels, masks
+
+
+def draw_predictions(path, ann_file, classes, untrained, trained, score_thr, max_drawn=10, scale=2):
+    """Write the picture: one row per image, columns ground truth | untrained | trained.
+
+    Args:
+        path: PNG to write.
+        ann_file: COCO json with the ground truth.
+        classes: Class names.
+        untrained: Predictions of the untrained model (from :func:`predict`).
+        trained: Predictions of the trained model, same keys.
+        score_thr: Predictions below this score are not drawn.
+        max_drawn: At most this many (the highest-scoring) predictions are drawn per image.
+        scale: Upscaling of the small images, for legibility.
+    """
+    import cv2
+    with open(ann_file) as f:
+        doc = json.load(f)
+    rows = []
+    for i in sorted(trained):
+        image = cv2.imread(trained[i]['img_path'])
+        boxes, labels, masks = _gt_for_image(doc, trained[i]['img_path'])
+        panels = [_draw_instances(image, boxes, labels, masks, [classes[c] for c in labels], scale, fill=False)]
+        for pred in (untrained.get(i), trained[i]):
+            if pred is None:
+                panels.append(np.zeros_like(panels[0]))
+                continue
+            order = np.argsort(-pred['scores'], kind='stable')[:max_drawn]
+            keep = order[pred['scores'][order] >= score_thr]
+            texts = [f'{classes[c]} {s:.2f}' for c, s in zip(pred['labels'][keep], pred['scores'][keep])]
+            panels.append(_draw_instances(image, pred['bboxes'][keep], pred['labels'][keep],
+                                          pred['masks'][keep], texts, scale))
+        sep = np.full((panels[0].shape[0], 6, 3), 255, np.uint8)
+        rows.append(np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1))
+    width = rows[0].shape[1]
+    panel_w = (width - 12) // 3
+    header = np.full((28, width, 3), 255, np.uint8)
+    titles = ('ground truth', 'untrained model', 'trained model')
+    for k, title in enumerate(titles):
+        cv2.putText(header, title, (k * (panel_w + 6) + 8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    hsep = np.full((6, width, 3), 255, np.uint8)
+    parts = [header]
+    for row in rows:
+        parts += [row, hsep]
+    footer = np.full((24, width, 3), 255, np.uint8)
+    cv2.putText(footer, f'predictions: the top {max_drawn} with score >= {score_thr:.2f}; colour = class', (8, 16),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    parts.append(footer)
+    cv2.imwrite(path, np.concatenate(parts, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def _coco_numbers(metrics):
+    keys = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP', 'segm_mAP_50', 'segm_mAP_75')
+    return {k: float(metrics.get(f'coco/{k}', float('nan'))) for k in keys}
+
+
+def main(argv=None):
+    """Run the demo; returns the summary dict that is also written to ``demo_metrics.json``.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` when None).
+    """
+    args = parse_args(argv)
+    t_start = time.time()
+    import torch
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    seed_everything(args.seed)
+
+    import vit_backbones
+    try:
+        from vit_backbones.runtime import allow_mmengine_checkpoints
+    except ImportError:
+        # vit_backbones.runtime (torch>=2.6 fix for loading mmengine's own checkpoints) is not there
+        # yet; the demo saves but never loads a checkpoint, so it runs without it.
+        allow_mmengine_checkpoints = None
+    if allow_mmengine_checkpoints is not None:
+        allow_mmengine_checkpoints()
+    if args.backbone == 'ours' and 'Swin' not in vit_backbones.list_backbones():
+        sys.exit('vit_backbones has no Swin backbone registered yet; run with --backbone mmdet to use '
+                 "mmdet's SwinTransformer instead")
+    import mmdet  # noqa: F401  (registers mmdet's modules)
+    from mmengine.runner import Runner
+
+    work_dir = osp.abspath(args.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    num_train = args.num_train or (8 if args.quick else 200)
+    num_val = args.num_val or (4 if args.quick else 40)
+    from mmengine.config import Config
+    classes = tuple(Config.fromfile(args.config).metainfo['classes'])
+    data_root = osp.join(work_dir, 'data', 'synthetic_coco') + os.sep
+    log(f'synthetic COCO set: {num_train} train / {num_val} val images of {args.image_size}px, '
+        f'classes {classes}')
+    wrote = ensure_dataset(data_root, num_train, num_val, args.image_size, args.seed, classes)
+    log(('wrote' if wrote else 'reusing') + f' {data_root}')
+
+    base_cfg = Config.fromfile(args.config)
+    iters = args.iters or (4 if args.quick else base_cfg.train_cfg.max_iters)
+    cfg = build_config(args, data_root, work_dir, iters)
+    log(f'building Mask R-CNN + FPN + {"our Swin-T" if args.backbone == "ours" else "mmdet SwinTransformer"} '
+        f'({osp.relpath(args.config, os.getcwd())}); torch threads: {threads} ({why})')
+    runner = Runner.from_cfg(cfg)
+    torch.set_num_threads(threads)
+    vis_indices = list(range(min(args.vis_images, num_val)))
+    budget_s = None if (args.iters or args.quick or not args.time_budget) else 60 * args.time_budget
+    hook = make_demo_hook(vis_indices, t_start, budget_s)
+    runner.register_hook(hook, priority='LOWEST')
+
+    runner.train()
+    t_train_end = time.time()
+    if len(hook.results) < 2:
+        raise RuntimeError(f'expected a validation before and after training, got {len(hook.results)}')
+    (_, untrained_metrics, untrained_eval_s), (final_iter, trained_metrics, trained_eval_s) = \
+        hook.results[0], hook.results[-1]
+    train_s = t_train_end - hook.train_start - trained_eval_s
+
+    log('drawing predictions ...')
+    trained_preds = predict(runner.model, runner.val_dataloader.dataset, vis_indices)
+    picture = osp.join(work_dir, 'predictions.png')
+    draw_predictions(picture, cfg.val_evaluator.ann_file, classes, hook.untrained_predictions, trained_preds,
+                     args.score_thr, args.max_drawn)
+
+    wall_s = time.time() - t_start
+    summary = dict(
+        config=osp.relpath(args.config, REPO_ROOT),
+        backbone=cfg.model.backbone['type'],
+        quick=bool(args.quick),
+        iterations=int(final_iter),
+        batch_size=int(cfg.train_dataloader.batch_size),
+        num_train_images=num_train,
+        num_val_images=num_val,
+        image_size=args.image_size,
+        classes=list(classes),
+        seed=args.seed,
+        torch_threads=threads,
+        untrained=_coco_numbers(untrained_metrics),
+        trained=_coco_numbers(trained_metrics),
+        seconds=dict(wall=round(wall_s, 1), train=round(train_s, 1),
+                     per_iter=round(train_s / max(final_iter, 1), 3),
+                     eval_untrained=round(untrained_eval_s, 1), eval_trained=round(trained_eval_s, 1)),
+        picture=picture,
+        work_dir=work_dir)
+    with open(osp.join(work_dir, 'demo_metrics.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+
+    u, t = summary['untrained'], summary['trained']
+    print('\n' + '=' * 78)
+    print(f'Mask R-CNN + FPN + Swin-T ({summary["backbone"]}) on synthetic shapes, CPU, random init'
+          + ('  [--quick smoke test: numbers mean nothing]' if args.quick else ''))
+    print(f'  data       : {num_train} train / {num_val} held-out val images, {args.image_size}px, '
+          f'{len(classes)} classes')
+    print(f'  training   : {final_iter} iterations x batch {summary["batch_size"]}, '
+          f'{train_s:.0f} s ({summary["seconds"]["per_iter"]:.2f} s/iter)')
+    print(f'  {"":10s}   {"untrained":>10s} {"trained":>10s}')
+    for key, name in (('bbox_mAP', 'bbox mAP'), ('bbox_mAP_50', 'bbox AP50'),
+                      ('segm_mAP', 'mask mAP'), ('segm_mAP_50', 'mask AP50')):
+        print(f'  {name:10s} : {u[key]:10.3f} {t[key]:10.3f}')
+    print(f'  wall time  : {wall_s:.0f} s ({wall_s / 60:.1f} min) in all')
+    print(f'  picture    : {picture}')
+    print(f'  metrics    : {osp.join(work_dir, "demo_metrics.json")}')
+    print('=' * 78, flush=True)
+    return summary
+
+
+if __name__ == '__main__':
+    main()
