@@ -32,7 +32,7 @@ else
   WHEEL_DIR="$CACHE/wheels/torch-$TORCH_VERSION-$PYTAG"
   mkdir -p "$WHEEL_DIR"
   if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
-    say "building mmcv $MMCV_VERSION with CPU ops from source (once; about 7 minutes on 2 cores)"
+    say "building mmcv $MMCV_VERSION with CPU ops from source (once; 7 to 15 minutes on 2 cores)"
     # mmcv's setup.py imports pkg_resources (setuptools < 70) while torch 2.13 requires setuptools >= 77:
     # build in a throw-away venv that sees the installed torch but has its own old setuptools.
     BUILD_VENV=$(mktemp -d)/venv
