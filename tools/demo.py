@@ -33,7 +33,7 @@ DEFAULT_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'mask_rcnn_swin_t_synthe
 # mmdet's own Swin-T, for comparing with ours (--backbone mmdet); same channels and strides.
 MMDET_SWIN_T = dict(
     type='mmdet.SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-    window_size=7, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.1, patch_norm=True,
+    window_size=7, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.0, patch_norm=True,
     out_indices=(0, 1, 2, 3), with_cp=False, init_cfg=None)
 
 
@@ -57,15 +57,16 @@ def parse_args(argv=None):
     parser.add_argument('--config', default=DEFAULT_CONFIG, help='demo config to train')
     parser.add_argument('--num-train', type=int, default=None, help='synthetic training images (default 200)')
     parser.add_argument('--num-val', type=int, default=None, help='synthetic validation images (default 40)')
-    parser.add_argument('--image-size', type=int, default=160, help='side of the square synthetic images')
+    parser.add_argument('--image-size', type=int, default=None,
+                        help="side of the square synthetic images and of the model's input (default: the config's)")
     parser.add_argument('--seed', type=int, default=0, help='seed of the data and of training')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: the cores not already busy, see choose_threads)')
     parser.add_argument('--backbone', choices=('ours', 'mmdet'), default='ours',
                         help="ours: vit_backbones' Swin (default); mmdet: mmdet's SwinTransformer, for comparison")
     parser.add_argument('--vis-images', type=int, default=4, help='validation images in the picture')
-    parser.add_argument('--score-thr', type=float, default=0.5, help='score threshold of drawn predictions')
-    parser.add_argument('--max-drawn', type=int, default=10, help='at most this many predictions drawn per image')
+    parser.add_argument('--score-thr', type=float, default=0.3, help='score threshold of drawn predictions')
+    parser.add_argument('--max-drawn', type=int, default=8, help='at most this many predictions drawn per image')
     parser.add_argument('--no-checkpoint', action='store_true', help='do not save the trained weights')
     return parser.parse_args(argv)
 
@@ -167,6 +168,11 @@ def build_config(args, data_root, work_dir, iters):
     ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
     cfg.val_evaluator.ann_file = ann
     cfg.test_evaluator.ann_file = ann
+    if args.image_size:
+        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+            for step in cfg[loader].dataset.pipeline:
+                if step['type'] == 'Resize':
+                    step['scale'] = (args.image_size, args.image_size)
     if args.backbone == 'mmdet':
         cfg.model.backbone = dict(MMDET_SWIN_T)
     base_iters = cfg.train_cfg.max_iters
@@ -379,7 +385,7 @@ def _gt_for_image(coco_doc, img_path):
     return boxes, labels, masks
 
 
-def draw_predictions(path, ann_file, classes, untrained, trained, score_thr, max_drawn=10, scale=2):
+def draw_predictions(path, ann_file, classes, untrained, trained, score_thr, max_drawn=8, scale=2):
     """Write the picture: one row per image, columns ground truth | untrained | trained.
 
     Args:
@@ -444,6 +450,7 @@ def main(argv=None):
     """
     args = parse_args(argv)
     t_start = time.time()
+    load_at_start = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     import torch
     threads, why = choose_threads(args.threads)
     torch.set_num_threads(threads)
@@ -469,14 +476,15 @@ def main(argv=None):
     num_train = args.num_train or (8 if args.quick else 200)
     num_val = args.num_val or (4 if args.quick else 40)
     from mmengine.config import Config
-    classes = tuple(Config.fromfile(args.config).metainfo['classes'])
+    base_cfg = Config.fromfile(args.config)
+    classes = tuple(base_cfg.metainfo['classes'])
+    image_size = args.image_size or int(base_cfg.img_scale[0])
     data_root = osp.join(work_dir, 'data', 'synthetic_coco') + os.sep
-    log(f'synthetic COCO set: {num_train} train / {num_val} val images of {args.image_size}px, '
+    log(f'synthetic COCO set: {num_train} train / {num_val} val images of {image_size}px, '
         f'classes {classes}')
-    wrote = ensure_dataset(data_root, num_train, num_val, args.image_size, args.seed, classes)
+    wrote = ensure_dataset(data_root, num_train, num_val, image_size, args.seed, classes)
     log(('wrote' if wrote else 'reusing') + f' {data_root}')
 
-    base_cfg = Config.fromfile(args.config)
     iters = args.iters or (4 if args.quick else base_cfg.train_cfg.max_iters)
     cfg = build_config(args, data_root, work_dir, iters)
     log(f'building Mask R-CNN + FPN + {"our Swin-T" if args.backbone == "ours" else "mmdet SwinTransformer"} '
@@ -511,10 +519,13 @@ def main(argv=None):
         batch_size=int(cfg.train_dataloader.batch_size),
         num_train_images=num_train,
         num_val_images=num_val,
-        image_size=args.image_size,
+        image_size=image_size,
         classes=list(classes),
         seed=args.seed,
         torch_threads=threads,
+        load_average_at_start=None if load_at_start is None else round(load_at_start, 2),
+        time_budget_min=None if budget_s is None else args.time_budget,
+        configured_iterations=int(iters),
         untrained=_coco_numbers(untrained_metrics),
         trained=_coco_numbers(trained_metrics),
         seconds=dict(wall=round(wall_s, 1), train=round(train_s, 1),
@@ -529,10 +540,11 @@ def main(argv=None):
     print('\n' + '=' * 78)
     print(f'Mask R-CNN + FPN + Swin-T ({summary["backbone"]}) on synthetic shapes, CPU, random init'
           + ('  [--quick smoke test: numbers mean nothing]' if args.quick else ''))
-    print(f'  data       : {num_train} train / {num_val} held-out val images, {args.image_size}px, '
+    print(f'  data       : {num_train} train / {num_val} held-out val images, {image_size}px, '
           f'{len(classes)} classes')
+    shortened = f' (time budget: shortened from {iters})' if final_iter < iters else ''
     print(f'  training   : {final_iter} iterations x batch {summary["batch_size"]}, '
-          f'{train_s:.0f} s ({summary["seconds"]["per_iter"]:.2f} s/iter)')
+          f'{train_s:.0f} s ({summary["seconds"]["per_iter"]:.2f} s/iter, {threads} torch threads){shortened}')
     print(f'  {"":10s}   {"untrained":>10s} {"trained":>10s}')
     for key, name in (('bbox_mAP', 'bbox mAP'), ('bbox_mAP_50', 'bbox AP50'),
                       ('segm_mAP', 'mask mAP'), ('segm_mAP_50', 'mask AP50')):
