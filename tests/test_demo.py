@@ -101,19 +101,26 @@ class _Clock:
 
 
 def _drive(hook, clock, runner, opt, schedulers, seconds_per_iter, upto):
-    """Run hook.before_train_iter for iterations 0..upto-1 on a fake clock, stepping the schedulers."""
+    """Run hook.before_train_iter for iterations 0..upto-1 on a fake clock, stepping the schedulers.
+
+    ``seconds_per_iter(i)`` is how long iteration ``i`` takes. Returns the lr used by each iteration.
+    """
     lrs = []
     for i in range(upto):
         runner.iter = i
         if i >= runner.max_iters:
             break
         hook.before_train_iter(runner, i)
+        lrs.append(opt.param_groups[0]['lr'])
         opt.step()
         for s in schedulers:
             s.step()
-        lrs.append(opt.param_groups[0]['lr'])
-        clock.now += seconds_per_iter
+        clock.now += seconds_per_iter(i)
     return lrs
+
+
+def _non_increasing(values):
+    return all(a >= b - 1e-12 for a, b in zip(values, values[1:]))
 
 
 def test_time_budget_shortens_the_run_and_refits_the_decay():
@@ -123,17 +130,34 @@ def test_time_budget_shortens_the_run_and_refits_the_decay():
     # 100 s spent before training, 2 s per iteration, 300 s budget: 600 iterations cannot fit
     clock = _Clock(100.0)
     hook = demo.make_demo_hook([], t_start=0.0, budget_s=300.0, clock=clock)
-    lrs = _drive(hook, clock, runner, opt, [warm, cos], 2.0, 600)
-    left = 300.0 - (100.0 + 10 * 2.0) - 20.0
-    expected = 10 + int(0.9 * left / 2.0)
+    lrs = _drive(hook, clock, runner, opt, [warm, cos], lambda i: 2.0, 600)
+    expected = 20 + int(0.9 * (300.0 - (100.0 + 20 * 2.0) - 20.0) / 2.0)
     assert runner.max_iters == expected == hook.planned[1] and hook.planned[0] == 600
     assert runner.message_hub.get_info('max_iters') == expected
-    assert (warm.begin, warm.end) == (0, 40)  # the warmup had started: untouched
+    assert (warm.begin, warm.end) == (0, 40)  # the warmup is left alone
     assert (cos.begin, cos.end, cos.T_max) == (40, expected, expected - 40)
     assert len(lrs) == expected
-    assert abs(lrs[39] - 4e-4) < 1e-9  # warmup reached the base lr
-    assert lrs[-1] < 0.1 * 4e-4  # the cosine decayed to near eta_min within the shortened run
-    assert all(a >= b - 1e-12 for a, b in zip(lrs[40:], lrs[41:]))
+    assert abs(lrs[40] - 4e-4) < 1e-9  # warmup reached the base lr
+    assert lrs[-1] < 0.1 * 4e-4  # the cosine annealed to near eta_min (2e-5) within the shortened run
+    assert _non_increasing(lrs[40:])
+    # the run it planned does fit: 100 s before + iterations + 20 s kept for the end <= budget
+    assert 100.0 + 2.0 * expected + 20.0 <= 300.0
+
+
+def test_time_budget_shortens_again_when_the_machine_slows_down():
+    demo = _load_demo_module()
+    opt, warm, cos = _schedule()
+    runner = _FakeRunner(600, [warm, cos])
+    clock = _Clock(100.0)
+    hook = demo.make_demo_hook([], t_start=0.0, budget_s=400.0, clock=clock)
+    # 2 s per iteration until iteration 50, then 6 s: the first plan no longer fits
+    lrs = _drive(hook, clock, runner, opt, [warm, cos], lambda i: 2.0 if i < 50 else 6.0, 600)
+    first = 20 + int(0.9 * (400.0 - (100.0 + 20 * 2.0) - 20.0) / 2.0)
+    assert runner.max_iters < first
+    assert clock.now + 20.0 <= 400.0 + 6.0, 'the run ended within the budget (one iteration of slack)'
+    assert (cos.end, cos.T_max) == (runner.max_iters, runner.max_iters - 40)
+    assert _non_increasing(lrs[40:])
+    assert lrs[-1] < 0.25 * 4e-4
 
 
 def test_time_budget_leaves_a_run_that_fits_alone():
@@ -142,7 +166,7 @@ def test_time_budget_leaves_a_run_that_fits_alone():
     runner = _FakeRunner(100, [warm, cos])
     clock = _Clock(10.0)
     hook = demo.make_demo_hook([], t_start=0.0, budget_s=3600.0, clock=clock)
-    _drive(hook, clock, runner, opt, [warm, cos], 1.0, 20)
+    _drive(hook, clock, runner, opt, [warm, cos], lambda i: 1.0, 100)
     assert runner.max_iters == 100 and (cos.end, cos.T_max) == (100, 60)
     assert hook.planned is None  # nothing was decided: the run fits
 
