@@ -13,6 +13,10 @@
 # - 4 classes, 160 px crops, no pretrained weights (init_cfg=None);
 # - BN instead of SyncBN in the heads (one process, CPU);
 # - a short iteration-based schedule with a higher AdamW lr (from scratch, tiny data).
+#
+# Measured (200 train / 30 val images of 160 px, 250 of these iterations, one thread on a shared 2-core
+# CPU, 4.4 s/iteration): mIoU 2.6 untrained -> 28.4 (background 92.1, ellipse 16.6, rectangle 4.8,
+# triangle 0.0 IoU); pixel accuracy 9.4% -> 90.8%.
 
 _base_ = ['../upernet_swin_t_ade20k.py']
 
