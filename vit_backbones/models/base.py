@@ -82,6 +82,14 @@ class BaseBackbone(BaseModule):
     #: smallest input side the model accepts (its total stride unless a subclass says otherwise)
     min_input_size: int = 32
 
+    #: the paper's (or official README's) table, per variant of ``arch_zoo``:
+    #: ``{arch: dict(params=<millions>, gmacs=<GMACs at 224x224, None if not given>, source='<table>')}``.
+    #: Counts include the ImageNet classifier as the tables do; see :meth:`paper_param_count`.
+    paper_table: Dict[str, dict] = {}
+    #: parameter-name prefixes of parts added for dense prediction only (plain pyramids, derived levels,
+    #: per-level output norms): left out when comparing with the paper's classifier.
+    dense_only_prefixes: Tuple[str, ...] = ()
+
     def __init__(self,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1,
@@ -127,6 +135,18 @@ class BaseBackbone(BaseModule):
     @property
     def out_strides(self) -> List[int]:
         return [self.feature_info[i]['reduction'] for i in self.out_indices]
+
+    def classifier_param_delta(self) -> int:
+        """Parameters the paper's classifier has beyond our trunk (ImageNet head, final norm, class-attention
+        layers, ...) that this dense backbone does not build; subclasses with such parts override it."""
+        return 0
+
+    def paper_param_count(self) -> int:
+        """Our parameter count comparable with :attr:`paper_table`: the trunk (without
+        :attr:`dense_only_prefixes`) plus :meth:`classifier_param_delta`."""
+        prefixes = tuple(self.dense_only_prefixes)
+        n = sum(p.numel() for k, p in self.named_parameters() if not (prefixes and k.startswith(prefixes)))
+        return n + self.classifier_param_delta()
 
     # ---------------------------------------------------------------- input checks
     def check_input(self, x: torch.Tensor):
