@@ -21,3 +21,6 @@ __all__ = [
     'WindowPlan', 'window_plan', 'tokens_to_windows', 'windows_to_tokens'
 ]
 __all__ += ['FeaturePyramid', 'LayerNorm2d', 'make_norm2d', 'ViTBlock']
+from .peg import PositionalEncodingGenerator  # noqa: E402,F401
+from .leff import LocallyEnhancedFeedForward  # noqa: E402,F401
+__all__ += ['PositionalEncodingGenerator', 'LocallyEnhancedFeedForward']

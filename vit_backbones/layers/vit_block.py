@@ -35,8 +35,12 @@ class ViTBlock(nn.Module):
         window_size: 0 for global attention; w > 0 for attention inside w x w windows of the token grid
             (the sequence must then be exactly the H*W grid tokens, raster order, no prefix tokens).
         rel_pos: with windows, add a learned relative position bias (``attn.rel_pos``) per head.
+        attn: an attention module to use instead of the default :class:`Attention` (same call,
+            ``attn(x, bias)`` on (B, N, C) tokens; e.g. talking-heads or re-attention).
+        mlp: a feed-forward module to use instead of the default :class:`Mlp` (CeiT's LeFF); it is called
+            as ``mlp(tokens, hw)`` so that it can work on the token grid.
 
-    ``forward(x, hw)``: ``hw`` is the token grid (needed only for windows).
+    ``forward(x, hw)``: ``hw`` is the token grid (needed only for windows or a grid-aware ``mlp``).
     """
 
     def __init__(self,
@@ -52,19 +56,24 @@ class ViTBlock(nn.Module):
                  act_layer: Type[nn.Module] = nn.GELU,
                  layer_scale: Optional[float] = None,
                  window_size: int = 0,
-                 rel_pos: bool = False):
+                 rel_pos: bool = False,
+                 mlp: Optional[nn.Module] = None,
+                 attn: Optional[nn.Module] = None):
         super().__init__()
         if rel_pos and not window_size:
             raise ValueError('rel_pos=True needs window_size > 0 (the bias table is per window)')
         self.window_size = int(window_size)
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        if attn is None:
+            attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = attn
         if rel_pos:
             self.attn.rel_pos = RelativePositionBias(num_heads, (self.window_size, self.window_size))
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else None
         self.drop_path = make_drop_path(drop_path)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp_takes_hw = mlp is not None
+        self.mlp = mlp if mlp is not None else Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else None
 
     def _windowed(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -83,7 +92,7 @@ class ViTBlock(nn.Module):
         if self.ls1 is not None:
             y = self.ls1(y)
         x = self.drop_path.add(x, y)
-        y = self.mlp(self.norm2(x))
+        y = self.mlp(self.norm2(x), hw) if self.mlp_takes_hw else self.mlp(self.norm2(x))
         if self.ls2 is not None:
             y = self.ls2(y)
         return self.drop_path.add(x, y)

@@ -12,6 +12,9 @@ A subclass supplies its pieces by overriding the hooks, each small:
 * ``_build_stem()``        the module mapping (B, C, H, W) to NHWC tokens (default :class:`PatchEmbed`);
 * ``prefix_token_names``   names of the prefix-token parameters, in sequence order (``('cls_token',)``);
 * ``pos_embed_on_prefix``  whether the position embedding has slots for the prefix tokens;
+* ``abs_pos_embed``        False builds no absolute position embedding (``pos_embed`` is None: CPVT, whose
+  position information comes from a convolution after a block);
+* ``_after_block(i, x, hw)`` applied to the token sequence after block i (default: nothing; CPVT's PEG);
 * ``_build_block(i, drop_path, window_size)`` one block (default :class:`ViTBlock`); blocks are called
   as ``block(tokens, hw)``;
 * ``embed(x)``             stem + prefix + position embedding, returns (tokens, grid hw);
@@ -78,6 +81,7 @@ class PlainBackbone(BaseBackbone):
 
     prefix_token_names: Tuple[str, ...] = ('cls_token', )
     pos_embed_on_prefix: bool = True
+    abs_pos_embed: bool = True
 
     def __init__(self,
                  embed_dims: int,
@@ -147,7 +151,7 @@ class PlainBackbone(BaseBackbone):
         for name in self.prefix_params:
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, self.embed_dims)))
         n_pos = self.pos_grid[0] * self.pos_grid[1] + (self.num_prefix_tokens if self.pos_embed_on_prefix else 0)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, self.embed_dims))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, self.embed_dims)) if self.abs_pos_embed else None
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
         # blocks
@@ -192,7 +196,8 @@ class PlainBackbone(BaseBackbone):
         """Prefix tokens and position embedding: truncated normal (std .02); the rest as every backbone."""
         for name in self.prefix_params:
             nn.init.trunc_normal_(getattr(self, name), std=.02)
-        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=.02)
         self.apply(init_transformer_weights)
 
     # ------------------------------------------------------------------ forward
@@ -206,13 +211,15 @@ class PlainBackbone(BaseBackbone):
         x = self.patch_embed(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
-        pos = self.runtime_pos_embed((h, w))
-        if self.pos_embed_on_prefix:
-            pos_prefix, pos = pos[:, :self.num_prefix_tokens], pos[:, self.num_prefix_tokens:]
-        x = x + pos
+        with_pos = self.pos_embed is not None
+        if with_pos:
+            pos = self.runtime_pos_embed((h, w))
+            if self.pos_embed_on_prefix:
+                pos_prefix, pos = pos[:, :self.num_prefix_tokens], pos[:, self.num_prefix_tokens:]
+            x = x + pos
         if self.prefix_params:  # windowed models have none: prefix tokens belong to no window (as ViTDet)
             prefix = [getattr(self, n).expand(b, -1, -1) for n in self.prefix_params]
-            if self.pos_embed_on_prefix:
+            if with_pos and self.pos_embed_on_prefix:
                 prefix = [t + pos_prefix[:, i:i + 1] for i, t in enumerate(prefix)]
             x = torch.cat(prefix + [x], dim=1)
         return self.pos_drop(x), (h, w)
@@ -237,12 +244,16 @@ class PlainBackbone(BaseBackbone):
         taps = sorted(set(self._needed_taps() if taps is None else (int(t) % self.depth for t in taps)))
         out = []
         for i, blk in enumerate(self.blocks):
-            x = self.run_block(blk, x, hw)
+            x = self._after_block(i, self.run_block(blk, x, hw), hw)
             if i in taps:
                 out.append(self.norm(x) if (i == self.depth - 1 and self.norm is not None) else x)
                 if i == taps[-1]:
                     break
         return out, hw
+
+    def _after_block(self, index: int, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Hook applied to the (B, P + h*w, C) sequence after block ``index`` (default: unchanged)."""
+        return x
 
     def forward(self, x: torch.Tensor):
         self.check_input(x)
@@ -269,7 +280,7 @@ class PlainBackbone(BaseBackbone):
     def _freeze_stages(self):
         super()._freeze_stages()
         if self.frozen_stages >= 0:
-            for name in self.prefix_params + ('pos_embed', ):
+            for name in self.prefix_params + (('pos_embed', ) if self.pos_embed is not None else ()):
                 getattr(self, name).requires_grad = False
             if self.frozen_stages == self.depth and self.norm is not None:
                 self.norm.eval()
@@ -282,7 +293,7 @@ class PlainBackbone(BaseBackbone):
         return [k for k, _ in self.named_parameters() if k.startswith('pyramid.') or k.endswith('relative_position_bias_table')]
 
     def resize_checkpoint_tensor(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
-        if key == 'pos_embed':
+        if key == 'pos_embed' and self.pos_embed is not None:
             prefix = self.num_prefix_tokens if self.pos_embed_on_prefix else 0
             grid = value.shape[1] - prefix
             side = math.isqrt(grid)
