@@ -8,3 +8,4 @@ from .cvt import CvT  # noqa: F401  (registers CvT)
 
 __all__ = ['BaseBackbone', 'Swin']
 __all__ += ['PlainBackbone', 'ViT', 'DeiT']
+from .cpvt import CPVT  # noqa: E402,F401  (registers CPVT)
