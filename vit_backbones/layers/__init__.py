@@ -24,3 +24,5 @@ __all__ += ['FeaturePyramid', 'LayerNorm2d', 'make_norm2d', 'ViTBlock']
 from .peg import PositionalEncodingGenerator  # noqa: E402,F401
 from .leff import LocallyEnhancedFeedForward  # noqa: E402,F401
 __all__ += ['PositionalEncodingGenerator', 'LocallyEnhancedFeedForward']
+from .head_mixing import ReAttention, TalkingHeadAttention, mix_heads  # noqa: E402,F401
+__all__ += ['ReAttention', 'TalkingHeadAttention', 'mix_heads']

@@ -9,3 +9,5 @@ from .cvt import CvT  # noqa: F401  (registers CvT)
 __all__ = ['BaseBackbone', 'Swin']
 __all__ += ['PlainBackbone', 'ViT', 'DeiT']
 from .cpvt import CPVT  # noqa: E402,F401  (registers CPVT)
+from .cait import CaiT  # noqa: E402,F401  (registers CaiT)
+from .deepvit import DeepViT  # noqa: E402,F401  (registers DeepViT)
