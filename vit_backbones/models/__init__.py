@@ -3,6 +3,7 @@ from .base import BaseBackbone
 from .swin import Swin
 from .pvt import PVT, PVTv2  # noqa: F401  (registers PVT and PVTv2)
 from .vit import DeiT, PlainBackbone, ViT  # noqa: F401  (registers ViT and DeiT)
+from .levit import LeViT  # noqa: F401  (registers LeViT)
 from .shuffle import ShuffleTransformer  # noqa: F401  (registers ShuffleTransformer)
 from .cvt import CvT  # noqa: F401  (registers CvT)
 

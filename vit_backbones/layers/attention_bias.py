@@ -1,0 +1,83 @@
+"""Attention biases indexed by absolute token offsets (LeViT-style), at any grid size.
+
+The learned table of one attention layer holds, per head, one value for every offset
+``(|dy|, |dx|)`` with ``0 <= |dy| < th`` and ``0 <= |dx| < tw``, where ``(th, tw)`` is the key grid the
+model was built for (14x14 for a stage-1 LeViT layer at 224x224); it is stored flattened as
+``(heads, th * tw)`` with entry ``|dy| * tw + |dx|``.
+
+At run time the key grid ``(h, w)`` may differ:
+
+- a side no larger than the table's reuses the learned values of the offsets it needs (a crop of the
+  table; no interpolation), so the pre-training grid gives exactly the learned biases;
+- a larger side needs offsets the table never saw: the table is mirrored into its signed form
+  (offsets ``-(t-1) .. t-1``, a ``(2th-1) x (2tw-1)`` relative-position table, symmetric about offset 0),
+  resampled the way relative position tables are (:func:`resize_rel_pos_table`: bicubic by default,
+  ``align_corners=False``, float32) to ``(2h-1) x (2w-1)``, and folded back to its non-negative half. The
+  centre (offset 0) maps onto itself, so the resampled table keeps the learned value of offset 0 and
+  stays symmetric.
+
+Queries may sit on a strided sub-grid of the keys (shrink attention: query ``(i, j)`` is at key position
+``(stride * i, stride * j)``).
+"""
+from typing import Tuple
+
+import torch
+
+from .rel_pos import resize_rel_pos_table
+
+
+def _fit_side(table: torch.Tensor, dim: int, src: int, dst: int) -> torch.Tensor:
+    """Crop the offsets axis ``dim`` of a (heads, th, tw) table to ``dst`` entries (dst <= src)."""
+    return table.narrow(dim, 0, dst) if dst < src else table
+
+
+def resize_offset_bias_table(table: torch.Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int],
+                             mode: str = 'bicubic') -> torch.Tensor:
+    """(heads, sh*sw) offset table of an ``src_hw`` key grid -> (heads, dh*dw) table for ``dst_hw``.
+
+    Sides that shrink are cropped (the learned values of the offsets kept); sides that grow are resampled
+    on the mirrored (signed-offset) table, see the module docstring. ``dst_hw == src_hw`` returns
+    ``table`` itself. Differentiable, so it can run in every forward pass.
+    """
+    sh, sw = (int(s) for s in src_hw)
+    dh, dw = (int(s) for s in dst_hw)
+    heads = table.shape[0]
+    if table.shape[-1] != sh * sw:
+        raise ValueError(f'attention bias table has {table.shape[-1]} offsets per head, expected {sh}x{sw}={sh * sw}')
+    if (sh, sw) == (dh, dw):
+        return table
+    t = table.reshape(heads, sh, sw)
+    t = _fit_side(_fit_side(t, 1, sh, dh), 2, sw, dw)
+    ch, cw = t.shape[1:]
+    gh, gw = max(ch, dh), max(cw, dw)
+    if (gh, gw) != (ch, cw):
+        full = torch.cat([t.flip(1)[:, :-1], t], 1)  # signed offsets -(ch-1) .. ch-1
+        full = torch.cat([full.flip(2)[:, :, :-1], full], 2)
+        rel = resize_rel_pos_table(full.reshape(heads, -1).t(), (ch, cw), (gh, gw), mode=mode)
+        t = rel.t().reshape(heads, 2 * gh - 1, 2 * gw - 1)[:, gh - 1:, gw - 1:]
+    return t.reshape(heads, dh * dw)
+
+
+def offset_bias_index(q_hw: Tuple[int, int], kv_hw: Tuple[int, int], stride: int = 1,
+                      device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column offset indices for queries on a ``stride`` sub-grid of a ``kv_hw`` key grid.
+
+    Returns ``(dy, dx)`` of shapes (qh, 1, kh, 1) and (1, qw, 1, kw): ``table3d[:, dy, dx]`` of a
+    (heads, kh, kw) table broadcasts to (heads, qh, qw, kh, kw), i.e. (heads, Nq, Nk) after a reshape.
+    The index tensors are tiny (one per axis), unlike a full (Nq, Nk) index.
+    """
+    (qh, qw), (kh, kw) = q_hw, kv_hw
+    dy = (torch.arange(qh, device=device)[:, None] * stride - torch.arange(kh, device=device)[None]).abs()
+    dx = (torch.arange(qw, device=device)[:, None] * stride - torch.arange(kw, device=device)[None]).abs()
+    if qh and int(dy.max()) >= kh or qw and int(dx.max()) >= kw:
+        raise ValueError(f'queries on a {q_hw} grid with stride {stride} reach outside the {kv_hw} key grid')
+    return dy.reshape(qh, 1, kh, 1), dx.reshape(1, qw, 1, kw)
+
+
+def gather_offset_bias(table: torch.Tensor, kv_hw: Tuple[int, int], index: Tuple[torch.Tensor, torch.Tensor]):
+    """(heads, kh*kw) table (already fitted to ``kv_hw``) + :func:`offset_bias_index` -> (heads, Nq, Nk)."""
+    kh, kw = kv_hw
+    dy, dx = index
+    heads = table.shape[0]
+    bias = table.reshape(heads, kh, kw)[:, dy, dx]  # heads, qh, qw, kh, kw
+    return bias.reshape(heads, dy.shape[0] * dx.shape[1], kh * kw)
