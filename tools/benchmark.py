@@ -2,6 +2,9 @@
 """Speed and memory of our backbones against the anchor implementation, in one run.
 
     python tools/benchmark.py                       # Swin-T vs mmdet SwinTransformer, the README table
+    python tools/benchmark.py --model pvtv2         # PVT v2-b2 vs mmdet PyramidVisionTransformerV2 (also: pvt)
+    python tools/benchmark.py --model vit           # ViT-B/16 at 512 vs mmseg VisionTransformer (also: deit)
+    python tools/benchmark.py --model CvT --arch 13 # any registered backbone alone (no anchor)
     python tools/benchmark.py --sizes 224x224x8 --repeats 3 --device cuda
 
 For each input size (HxWxBATCH) it times, with the same weights in both models:
@@ -12,7 +15,9 @@ Each timing is the median of ``--repeats`` runs after ``--warmup`` runs. Peak me
 allocator's peak on a GPU; on the CPU it is the growth of the process' peak RSS during the timed runs,
 measured in a fresh subprocess per case (peak RSS minus the RSS before the first pass), so cases do
 not hide each other's peaks.
-Ratios are anchor time / our time (>1: ours is faster).
+Ratios are anchor time / our time (>1: ours is faster). For ViT/DeiT the anchor is mmseg's recipe
+(VisionTransformer + Feature2Pyramid neck) against our backbone with its built-in deconvolution pyramid;
+the output check compares the trunks (the necks' weights are not transferred).
 """
 import argparse
 import json
@@ -28,24 +33,82 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 SWIN_T = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
+DET_SIZES = '224x224x8,800x1216x1'
+SEG_SIZES = '512x512x2'
+
+#: --model -> (our backbone name, arch, extra kwargs, anchor, default sizes). The anchor is the OpenMMLab
+#: implementation users would otherwise take; any other registered backbone name runs ours alone.
+SPECS = {
+    'swin': ('Swin', 'tiny', {}, 'mmdet SwinTransformer (Swin-T)', DET_SIZES),
+    'pvt': ('PVT', 'small', {}, 'mmdet PyramidVisionTransformer (PVT-Small)', DET_SIZES),
+    'pvtv2': ('PVTv2', 'b2', {}, 'mmdet PyramidVisionTransformerV2 (b2)', DET_SIZES),
+    'vit': ('ViT', 'base', dict(img_size=512), 'mmseg VisionTransformer (ViT-B/16) + Feature2Pyramid', SEG_SIZES),
+    'deit': ('DeiT', 'small', dict(img_size=512), 'mmseg VisionTransformer (DeiT-S/16) + Feature2Pyramid', SEG_SIZES),
+}
 
 
-def build(impl: str, model: str, drop_path: float):
-    if model != 'swin':
-        raise SystemExit(f'unknown --model {model!r}; available: swin')
-    if impl == 'mmdet':
-        from mmdet.models.backbones import SwinTransformer
-        return SwinTransformer(**SWIN_T, drop_path_rate=drop_path, out_indices=(0, 1, 2, 3))
+class _PlainAnchor(torch.nn.Module):
+    """mmseg's ViT recipe: VisionTransformer (blocks 2/5/8/11) then the Feature2Pyramid neck (BN on CPU)."""
+
+    def __init__(self, embed_dims, num_heads, drop_path):
+        super().__init__()
+        from mmseg.models.backbones import VisionTransformer
+        from mmseg.models.necks import Feature2Pyramid
+        self.backbone = VisionTransformer(img_size=512, patch_size=16, embed_dims=embed_dims, num_layers=12,
+                                          num_heads=num_heads, mlp_ratio=4, out_indices=(2, 5, 8, 11), qkv_bias=True,
+                                          drop_path_rate=drop_path, norm_cfg=dict(type='LN', eps=1e-6),
+                                          final_norm=True, interpolate_mode='bicubic')
+        self.neck = Feature2Pyramid(embed_dims, rescales=[4, 2, 1, 0.5], norm_cfg=dict(type='BN', requires_grad=True))
+
+    def forward(self, x):
+        return tuple(self.neck(self.backbone(x)))
+
+
+def _split(model: str):
+    if model in SPECS:
+        return SPECS[model]
     import vit_backbones
-    return vit_backbones.build_backbone('Swin', 'tiny', drop_path_rate=drop_path)
+    name = next((n for n in vit_backbones.list_backbones() if n.lower() == model.lower()), None)
+    if name is None:
+        raise SystemExit(f'unknown --model {model!r}; available: {", ".join(list(SPECS) + vit_backbones.list_backbones())}')
+    return name, None, {}, None, DET_SIZES
 
 
-def shared_weights(model: str, drop_path: float):
-    """Anchor weights (seeded) and ours converted from them: same function, two implementations."""
+def build(impl: str, model: str, drop_path: float, arch=None):
+    name, default_arch, extra, anchor, _ = _split(model)
+    if impl == 'mmdet':  # the anchor, whichever library it comes from
+        if model == 'swin':
+            from mmdet.models.backbones import SwinTransformer
+            return SwinTransformer(**SWIN_T, drop_path_rate=drop_path, out_indices=(0, 1, 2, 3))
+        if model in ('pvt', 'pvtv2'):
+            from mmdet.models.backbones import PyramidVisionTransformer, PyramidVisionTransformerV2
+            cls = PyramidVisionTransformerV2 if model == 'pvtv2' else PyramidVisionTransformer
+            return cls(drop_path_rate=drop_path)  # mmdet's defaults are PVT-Small / PVT v2-b2
+        if model in ('vit', 'deit'):
+            return _PlainAnchor(768, 12, drop_path) if model == 'vit' else _PlainAnchor(384, 6, drop_path)
+        raise SystemExit(f'--model {model} has no anchor implementation')
+    import vit_backbones
+    return vit_backbones.build_backbone(name, arch or default_arch or next(iter(
+        vit_backbones.get_backbone_class(name).arch_zoo)), drop_path_rate=drop_path, **extra)
+
+
+def has_anchor(model: str) -> bool:
+    return _split(model)[3] is not None
+
+
+def shared_weights(model: str, drop_path: float, arch=None):
+    """Anchor weights (seeded) and ours converted from them: same function, two implementations.
+    Without an anchor: (None, ours) with seeded weights."""
     torch.manual_seed(0)
+    if not has_anchor(model):
+        return None, build('ours', model, drop_path, arch)
     anchor = build('mmdet', model, drop_path)
     ours = build('ours', model, drop_path)
-    ours.load_checkpoint(anchor.state_dict())
+    if isinstance(anchor, _PlainAnchor):  # trunk weights as an mmseg segmentor checkpoint; necks differ
+        sd = {'backbone.' + k: v for k, v in anchor.backbone.state_dict().items()}
+        ours.load_checkpoint({'state_dict': sd, 'meta': {}})
+    else:
+        ours.load_checkpoint(anchor.state_dict())
     return anchor, ours
 
 
@@ -59,9 +122,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_case(impl, model, mode, amp, size, repeats, warmup, device, drop_path):
+def time_case(impl, model, mode, amp, size, repeats, warmup, device, drop_path, arch=None):
     h, w, b = size
-    anchor, ours = shared_weights(model, drop_path)
+    anchor, ours = shared_weights(model, drop_path, arch)
     net = (anchor if impl == 'mmdet' else ours).to(device)
     x = torch.randn(b, 3, h, w, device=device)
     net.train(mode == 'train')
@@ -104,19 +167,34 @@ def time_case(impl, model, mode, amp, size, repeats, warmup, device, drop_path):
     return dict(median_ms=1000 * statistics.median(times), times_ms=[1000 * t for t in times], peak_mb=peak / 2**20)
 
 
-def output_error(model, size, device, drop_path):
-    """max |ours - anchor| (fp32) and max |ours bf16 - ours fp32| / max |ours fp32| (eval)."""
+def _trunk_outputs(net, x):
+    """What both implementations compute with the same weights: for the plain models the trunk's tapped
+    blocks as maps (the pyramid necks have different, untransferred weights), else the outputs."""
+    if isinstance(net, _PlainAnchor):
+        return list(net.backbone(x))
+    if hasattr(net, 'forward_features') and hasattr(net, 'runtime_prefix_tokens'):
+        feats, hw = net.forward_features(x)
+        p = net.runtime_prefix_tokens
+        return [f[:, p:].transpose(1, 2).reshape(x.shape[0], -1, *hw) for f in feats]
+    return list(net(x))
+
+
+def output_error(model, size, device, drop_path, arch=None):
+    """max |ours - anchor| (fp32; nan without an anchor) and max |ours bf16 - ours fp32| / max |ours fp32| (eval)."""
     h, w, b = size
-    anchor, ours = shared_weights(model, drop_path)
-    anchor, ours = anchor.to(device), ours.to(device)
-    anchor.eval()  # mmdet backbones' train() returns None: no chaining
-    ours.eval()
+    anchor, ours = shared_weights(model, drop_path, arch)
+    ours = ours.to(device)
+    ours.eval()  # mmdet backbones' train() returns None: no chaining
     x = torch.randn(b, 3, h, w, device=device)
+    fp32 = float('nan')
     with torch.no_grad():
-        ref, out = anchor(x), ours(x)
+        out = ours(x)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             low = ours(x)
-    fp32 = max(float((a - o).abs().max()) for a, o in zip(ref, out))
+        if anchor is not None:
+            anchor = anchor.to(device)
+            anchor.eval()
+            fp32 = max(float((a - o).abs().max()) for a, o in zip(_trunk_outputs(anchor, x), _trunk_outputs(ours, x)))
     bf16 = max(float((l.float() - o).abs().max() / o.abs().max()) for l, o in zip(low, out))
     return fp32, bf16
 
@@ -136,22 +214,38 @@ def matmul_rate(dtype, device, n=2048, repeats=5):
 
 def run_in_subprocess(args, case):
     cmd = [sys.executable, os.path.abspath(__file__), '--_case', json.dumps(case), '--repeats', str(args.repeats),
-           '--warmup', str(args.warmup), '--device', args.device, '--threads', str(args.threads)]
+           '--warmup', str(args.warmup), '--device', args.device, '--threads', str(args.threads), '--model', args.model,
+           '--drop-path', str(args.drop_path)] + (['--arch', args.arch] if args.arch else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f'case {case} failed:\n{out.stderr[-3000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ms(r):
+    return f'{r["median_ms"]:.0f}' if r else '-'
+
+
+def _ratio(a, b):
+    return f'{a["median_ms"] / b["median_ms"]:.2f}x' if a and b else '-'
+
+
+def _mb(r):
+    return f'{r["peak_mb"]:.0f}' if r else '-'
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='swin')
-    p.add_argument('--sizes', default='224x224x8,800x1216x1', help='comma list of HxWxBATCH')
+    p.add_argument('--model', default='swin',
+                   help=f'{", ".join(SPECS)} (against their anchors), or any registered backbone name (ours alone)')
+    p.add_argument('--arch', help='variant for a backbone without an anchor (default: its first variant)')
+    p.add_argument('--sizes', help=f'comma list of HxWxBATCH (default {DET_SIZES}; vit/deit {SEG_SIZES})')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--drop-path', type=float, default=0.2)
+    p.add_argument('--no-bf16', action='store_true', help='skip the bf16 autocast cases')
     p.add_argument('--json', help='also write the results here')
     p.add_argument('--_case', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -161,45 +255,48 @@ def main():
     if args._case:
         c = json.loads(args._case)
         r = time_case(c['impl'], args.model, c['mode'], c['amp'], tuple(c['size']), args.repeats, args.warmup, device,
-                      args.drop_path)
+                      args.drop_path, args.arch)
         print(json.dumps(r))
         return
-    sizes = [tuple(int(v) for v in s.split('x')) for s in args.sizes.split(',')]
-    cases = [('mmdet', 'eval', False), ('ours', 'eval', False), ('ours', 'eval', True), ('mmdet', 'train', False),
-             ('ours', 'train', False), ('ours', 'train', True)]
+    name, arch, _, anchor_name, default_sizes = _split(args.model)
+    anchor = anchor_name is not None
+    sizes = [tuple(int(v) for v in s.split('x')) for s in (args.sizes or default_sizes).split(',')]
+    cases = [(impl, mode, amp) for mode in ('eval', 'train') for impl, amp in
+             (('mmdet', False), ('ours', False), ('ours', True))
+             if (impl == 'ours' or anchor) and not (amp and args.no_bf16)]
     results = []
     from vit_backbones.runtime import cpu_bf16_support
     bf16 = cpu_bf16_support()
     cpu_model = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?') \
         if os.path.exists('/proc/cpuinfo') else '?'
-    print(f'# {args.model}: ours vs mmdet, device={device}, threads={torch.get_num_threads()}, '
-          f'torch {torch.__version__}, repeats={args.repeats}', flush=True)
+    print(f'# ours {name} {args.arch or arch or ""} vs {anchor_name or "no anchor"}; device={device}, '
+          f'threads={torch.get_num_threads()}, torch {torch.__version__}, repeats={args.repeats}', flush=True)
     print(f'# CPU: {cpu_model}; native bf16: {bf16 or "none (bf16 matmuls are emulated)"}; '
           f'matmul 2048^2: fp32 {matmul_rate(torch.float32, device):.0f} GFLOP/s, '
           f'bf16 {matmul_rate(torch.bfloat16, device):.0f} GFLOP/s', flush=True)
     for size in sizes:
-        fp32_err, bf16_err = output_error(args.model, size, device, args.drop_path)
+        fp32_err, bf16_err = output_error(args.model, size, device, args.drop_path, args.arch)
         row = dict(size=size, fp32_max_abs_diff_vs_anchor=fp32_err, bf16_rel_err_vs_fp32=bf16_err)
         for impl, mode, amp in cases:
             r = run_in_subprocess(args, dict(impl=impl, mode=mode, amp=amp, size=size))
             row[f'{impl}_{mode}{"_bf16" if amp else ""}'] = r
-            print(f'  {size[0]}x{size[1]} b{size[2]} {impl:5s} {mode:5s} {"bf16" if amp else "fp32"}: '
+            label = 'anchor' if impl == 'mmdet' else 'ours'
+            print(f'  {size[0]}x{size[1]} b{size[2]} {label:6s} {mode:5s} {"bf16" if amp else "fp32"}: '
                   f'{r["median_ms"]:8.1f} ms  peak +{r["peak_mb"]:7.1f} MB', flush=True)
         results.append(row)
     print()
-    print('| input | pass | mmdet fp32 ms | ours fp32 ms | ours bf16 ms | fp32 speed-up | bf16 speed-up vs mmdet fp32 '
-          '| peak MB mmdet / ours / ours bf16 |')
+    print('| input | pass | anchor fp32 ms | ours fp32 ms | ours bf16 ms | fp32 speed-up | bf16 speed-up vs anchor fp32 '
+          '| peak MB anchor / ours / ours bf16 |')
     print('|---|---|---|---|---|---|---|---|')
     for row in results:
         h, w, b = row['size']
         for mode in ('eval', 'train'):
-            a, o, q = row[f'mmdet_{mode}'], row[f'ours_{mode}'], row[f'ours_{mode}_bf16']
-            print(f'| {h}x{w} b{b} | {"forward" if mode == "eval" else "fwd+bwd"} | {a["median_ms"]:.0f} | '
-                  f'{o["median_ms"]:.0f} | {q["median_ms"]:.0f} | {a["median_ms"] / o["median_ms"]:.2f}x | '
-                  f'{a["median_ms"] / q["median_ms"]:.2f}x | {a["peak_mb"]:.0f} / {o["peak_mb"]:.0f} / {q["peak_mb"]:.0f} |')
+            a, o, q = row.get(f'mmdet_{mode}'), row[f'ours_{mode}'], row.get(f'ours_{mode}_bf16')
+            print(f'| {h}x{w} b{b} | {"forward" if mode == "eval" else "fwd+bwd"} | {_ms(a)} | {_ms(o)} | {_ms(q)} | '
+                  f'{_ratio(a, o)} | {_ratio(a, q)} | {_mb(a)} / {_mb(o)} / {_mb(q)} |')
     for row in results:
         h, w, b = row['size']
-        print(f'{h}x{w} b{b}: max |ours - mmdet| fp32 = {row["fp32_max_abs_diff_vs_anchor"]:.2e}; '
+        print(f'{h}x{w} b{b}: max |ours - anchor| fp32 = {row["fp32_max_abs_diff_vs_anchor"]:.2e}; '
               f'ours bf16 vs fp32 max error / max |output| = {row["bf16_rel_err_vs_fp32"]:.3f}')
     if args.json:
         with open(args.json, 'w') as f:
