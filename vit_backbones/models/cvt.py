@@ -107,7 +107,13 @@ class CvT(BaseBackbone):
     one fewer than ceil(H / 4) when H mod 4 is 1 or 2; here the input is zero-padded at the bottom/right
     so the grid is ceil (identical results where H, W mod 4 is 0 or 3; elsewhere identical to the official
     model run on the padded image). The 3x3/2 embeddings and the stride-2 key/value projections already
-    give ceil sizes.
+    give ceil sizes. Stochastic depth follows the official blocks (each residual branch); HF
+    transformers' ``CvtLayer`` applies it to the sum after the MLP residual instead (training only).
+
+    Memory: attention is global within a stage, with H/4 x W/4 queries against H/8 x W/8 keys in stage 0,
+    so its score matrix grows with the square of the image area (an 800x1216 image: 60800 x 15200
+    scores, 3.7 GB in float32 per image). Under training the explicit attention path keeps it for the
+    backward pass; ``with_cp=True`` keeps one block's worth at a time.
     """
 
     arch_zoo: Dict[str, dict] = {
@@ -119,7 +125,8 @@ class CvT(BaseBackbone):
     paper_table = {
         '13': dict(params=20.0, gmacs=4.5, source='CvT paper Table 2 / official README (224x224)'),
         '21': dict(params=32.0, gmacs=7.1, source='CvT paper Table 2 / official README (224x224)'),
-        'w24': dict(params=277.0, gmacs=None, source='CvT paper Table 2 / official README (384x384 only: 193.2 GFLOPs)'),
+        'w24': dict(params=277.0, gmacs=None,
+                    source='CvT paper Table 2 / official README (given at 384x384 only: 193.2 GFLOPs)'),
     }
     dense_only_prefixes = ('norm0.', 'norm1.', 'norm2.')
     _PATCH = ((7, 4, 2), (3, 2, 1), (3, 2, 1))  # kernel, stride, padding of the token embeddings
@@ -212,11 +219,12 @@ class CvT(BaseBackbone):
         for i, stage in enumerate(self.stages):
             t = stage.patch_embed(x)  # NHWC, ceil(H / s) x ceil(W / s)
             b, h, w, c = t.shape
-            t = self.embed_drop(t.reshape(b, h * w, c))
+            t = t.reshape(b, h * w, c)
             npfx = 0
             if stage.cls_token is not None:
                 t = torch.cat([stage.cls_token.expand(b, -1, -1), t], dim=1)
                 npfx = 1
+            t = self.embed_drop(t)  # official: dropout after the class token joins
             for blk in stage.blocks:
                 t = self.run_block(blk, t, (h, w), npfx)
             t = t[:, npfx:]
