@@ -12,3 +12,4 @@ __all__ += ['PlainBackbone', 'ViT', 'DeiT']
 from .cpvt import CPVT  # noqa: E402,F401  (registers CPVT)
 from .cait import CaiT  # noqa: E402,F401  (registers CaiT)
 from .deepvit import DeepViT  # noqa: E402,F401  (registers DeepViT)
+from .ceit import CeiT  # noqa: E402,F401  (registers CeiT)
