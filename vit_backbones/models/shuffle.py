@@ -140,7 +140,7 @@ class ShuffleBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shuffle: bool, mlp_ratio: float = 4.,
                  conv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
-                 drop_path: float = 0.):
+                 drop_path: float = 0., local_kernel_size: Optional[int] = None):
         super().__init__()
         self.window_size = window_size
         self.shuffle = shuffle
@@ -148,7 +148,8 @@ class ShuffleBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, (window_size, window_size), qkv_bias=False, qk_scale=qk_scale,
                                     attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.BatchNorm2d(dim)
-        self.local = nn.Conv2d(dim, dim, window_size, 1, window_size // 2, groups=dim, bias=conv_bias)
+        k = local_kernel_size or window_size
+        self.local = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim, bias=conv_bias)
         self.norm3 = nn.BatchNorm2d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.ReLU6, drop=drop)
         self.drop_path = make_drop_path(drop_path)
@@ -207,9 +208,11 @@ class ShuffleTransformer(BaseBackbone):
             (stage-1 width; stage i has ``embed_dims * 2**i``), ``depths``, ``num_heads`` (optionally with
             ``'base': name``). The official code derives the widths as ``32 * num_heads``, which is the
             same for the released variants.
-        window_size: attention window and depthwise-conv kernel (7 in the released models). A checkpoint
-            with another window has its relative position bias tables resized bicubically on load
-            (the depthwise kernels must match).
+        window_size: attention window (7 in the released models). A checkpoint with another window has
+            its relative position bias tables resized bicubically on load.
+        local_kernel_size: kernel of the depthwise neighbour-window conv; None (default) = ``window_size``,
+            the official rule. Checkpoint kernels of another (odd) size are zero-padded around the centre
+            (exact: same function) or centre-cropped on load.
         mlp_ratio: MLP hidden width ratio.
         conv_bias: bias of the depthwise neighbour-window conv (the official ``qkv_bias``, True in its
             config; the qkv projection itself never has a bias).
@@ -248,6 +251,7 @@ class ShuffleTransformer(BaseBackbone):
                  conv_bias: bool = True,
                  qk_scale: Optional[float] = None,
                  stem_channels: int = 32,
+                 local_kernel_size: Optional[int] = None,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
@@ -279,7 +283,7 @@ class ShuffleTransformer(BaseBackbone):
             self.stages.append(
                 ShuffleStage(dim * 2**max(i - 1, 0), d, depths[i], heads[i], window_size, rates[i],
                              mlp_ratio=mlp_ratio, conv_bias=conv_bias, qk_scale=qk_scale, drop=drop_rate,
-                             attn_drop=attn_drop_rate))
+                             attn_drop=attn_drop_rate, local_kernel_size=local_kernel_size))
             self.feature_info.append(dict(num_chs=d, reduction=4 * 2**i, module=f'stages.{i}'))
         self._default_init()
         self._freeze_stages()
@@ -329,6 +333,15 @@ class ShuffleTransformer(BaseBackbone):
     def resize_checkpoint_tensor(self, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
         if key.endswith('rel_pos.relative_position_bias_table'):
             return self.get_submodule(key.rsplit('.', 1)[0]).resize_state(value)
+        if key.endswith('.local.weight'):
+            own = self.get_submodule(key.rsplit('.', 1)[0]).weight
+            k, src = own.shape[-1], value.shape[-1]
+            if value.shape[:2] != own.shape[:2] or k % 2 == 0 or src % 2 == 0 or value.shape[-2] != src:
+                return None
+            if src < k:  # zero ring around the centre: the same convolution
+                return F.pad(value, ((k - src) // 2, ) * 4)
+            cut = (src - k) // 2
+            return value[..., cut:cut + k, cut:cut + k].clone()
         return None
 
     def convert_checkpoint(self, sd: Dict[str, torch.Tensor]):
