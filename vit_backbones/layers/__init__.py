@@ -26,3 +26,4 @@ from .leff import LocallyEnhancedFeedForward  # noqa: E402,F401
 __all__ += ['PositionalEncodingGenerator', 'LocallyEnhancedFeedForward']
 from .head_mixing import ReAttention, TalkingHeadAttention, mix_heads  # noqa: E402,F401
 __all__ += ['ReAttention', 'TalkingHeadAttention', 'mix_heads']
+from .attention_bias import gather_offset_bias, offset_bias_index, resize_offset_bias_table  # noqa: E402,F401
