@@ -50,11 +50,13 @@ def scaled_dot_product(q: torch.Tensor,
                        return_attn: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale + bias) v.
 
-    Without gradients this is ``F.scaled_dot_product_attention`` (the fused kernel, reading strided
-    q/k/v in place). When gradients flow (training), or the attention matrix is wanted, it is
-    :func:`explicit_attention`: PyTorch's fused CPU kernels give no gradient for an additive bias, and
-    its fallback makes q, k, v contiguous and runs a NaN-guarded softmax, both slower than the
-    explicit path.
+    This is ``F.scaled_dot_product_attention`` (the fused flash kernel, reading strided q/k/v in place,
+    with a fused backward) unless the bias itself needs a gradient (a learned relative-position bias in
+    training) or the attention matrix is wanted: then it is :func:`explicit_attention`. PyTorch's fused
+    CPU kernels give no gradient for an additive bias, and its fallback makes q, k, v contiguous and runs
+    a NaN-guarded softmax, slower than the explicit path. (Measured on this project's CPU, one thread,
+    forward+backward: without a bias or with a constant mask the fused kernel is 2.0-2.2x faster than the
+    explicit path at 1024 tokens and 1.1-1.9x at 49; with a learned bias the two are within 10%.)
 
     Args:
         q, k, v: (..., N, d) tensors (usually (B, heads, N, d)).
@@ -63,9 +65,7 @@ def scaled_dot_product(q: torch.Tensor,
         scale: score scale; defaults to d ** -0.5.
         return_attn: also return the attention probabilities.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias))
-    if return_attn or needs_grad:
+    if return_attn or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
         return explicit_attention(q, k, v, bias, dropout_p, scale, return_attn)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
