@@ -7,6 +7,7 @@ torch, mmengine and einops.
 from .registry import build_backbone, get_backbone_class, list_backbones, register_backbone
 from . import models  # noqa: F401  (registers the backbones)
 from .runtime import allow_mmengine_checkpoints  # noqa: F401  (also registers BF16AutocastOptimWrapper)
+from .features import FeatureExtractor, data_config, extract_features  # noqa: E402  (feature extraction API)
 
 # mmengine 0.10 cannot read its own checkpoints under torch >= 2.6 (weights_only loading); allow exactly
 # the types it writes, so --resume / load_from work even from mmdet's and mmseg's own tools.
@@ -14,3 +15,4 @@ allow_mmengine_checkpoints()
 
 __version__ = '0.1.0'
 __all__ = ['allow_mmengine_checkpoints', 'build_backbone', 'get_backbone_class', 'list_backbones', 'register_backbone', '__version__']
+__all__ += ['FeatureExtractor', 'data_config', 'extract_features']

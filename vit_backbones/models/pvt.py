@@ -457,6 +457,20 @@ class PVTv2(_PyramidVisionTransformer):
     arch_aliases = {'b2-li': 'b2_li', 'b2li': 'b2_li', **{f'pvt_v2_{k}': k for k in
                                                            ('b0', 'b1', 'b2', 'b2_li', 'b3', 'b4', 'b5')},
                     **{f'pvt-v2-{k}': k for k in ('b0', 'b1', 'b2', 'b3', 'b4', 'b5')}, 'pvt-v2-b2-li': 'b2_li'}
+    #: whai362/PVT README (params, ImageNet-1k classifier) and timm's results csv (GMACs at 224)
+    paper_table = {
+        'b0': dict(params=3.7, gmacs=0.57, source='PVT README / timm csv'),
+        'b1': dict(params=14.0, gmacs=2.12, source='PVT README / timm csv'),
+        'b2': dict(params=25.4, gmacs=4.05, source='PVT README / timm csv'),
+        'b2_li': dict(params=22.6, gmacs=3.91, source='PVT README / timm csv'),
+        'b3': dict(params=45.2, gmacs=6.92, source='PVT README / timm csv'),
+        'b4': dict(params=62.6, gmacs=10.14, source='PVT README / timm csv'),
+        'b5': dict(params=82.0, gmacs=11.76, source='PVT README / timm csv'),
+    }
+
+    def classifier_param_delta(self) -> int:
+        """ImageNet-1k head (the last stage norm is the classifier's final norm)."""
+        return self.embed_dims[-1] * 1000 + 1000
 
     def __init__(self,
                  arch: Union[str, dict] = 'b2',
@@ -523,6 +537,20 @@ class PVT(_PyramidVisionTransformer):
     arch_aliases = {'t': 'tiny', 's': 'small', 'm': 'medium', 'l': 'large',
                     **{f'pvt_{k}': k for k in ('tiny', 'small', 'medium', 'large')},
                     **{f'pvt-{k[0]}': k for k in ('tiny', 'small', 'medium', 'large')}}
+    #: PVT paper Table (224, ImageNet-1k classifier); the GMACs are the paper's "FLOPs"
+    paper_table = {
+        'tiny': dict(params=13.2, gmacs=1.9, source='PVT paper (224)'),
+        'small': dict(params=24.5, gmacs=3.8, source='PVT paper (224)'),
+        'medium': dict(params=44.2, gmacs=6.7, source='PVT paper (224)'),
+        'large': dict(params=61.4, gmacs=9.8, source='PVT paper (224)'),
+    }
+    #: ``out_norm`` level norms (the classifier's final norm is counted in the delta)
+    dense_only_prefixes = ('norm0.', 'norm1.', 'norm2.', 'norm3.')
+
+    def classifier_param_delta(self) -> int:
+        """Final norm + ImageNet-1k head, and the class token with its position slot when not built."""
+        c = self.embed_dims[-1]
+        return 2 * c + c * 1000 + 1000 + (0 if self.use_cls_token else 2 * c)
 
     def __init__(self,
                  arch: Union[str, dict] = 'small',

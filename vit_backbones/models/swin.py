@@ -151,6 +151,25 @@ class Swin(BaseBackbone):
     }
     arch_aliases = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large', 'swin-t': 'tiny', 'swin-s': 'small',
                     'swin-b': 'base', 'swin-l': 'large'}
+    #: official README / paper Table 1 (224x224, ImageNet-1k classifier; Swin-T 28.3M is timm's exact count
+    #: of the README's 28M); FLOPs there are multiply-accumulates.
+    paper_table = {
+        'tiny': dict(params=28.3, gmacs=4.5, source='Swin README / paper Table 1 (224)'),
+        'small': dict(params=50., gmacs=8.7, source='Swin README / paper Table 1 (224)'),
+        'base': dict(params=88., gmacs=15.4, source='Swin README / paper Table 1 (224)'),
+        'large': dict(params=197., gmacs=34.5, source='Swin README (22k->1k, 224)'),
+    }
+
+    @property
+    def dense_only_prefixes(self) -> Tuple[str, ...]:
+        """The per-level output norms of all but the last stage (the last one plays the final norm)."""
+        return tuple(f'norm{i}.' for i in range(len(self.depths) - 1))
+
+    def classifier_param_delta(self) -> int:
+        """ImageNet-1k head on the last stage (plus the final norm when ``norm{last}`` is not built)."""
+        last = len(self.depths) - 1
+        c = self.embed_dims * 2**last
+        return c * 1000 + 1000 + (0 if hasattr(self, f'norm{last}') else 2 * c)
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',

@@ -59,6 +59,15 @@ class ViT(PlainBackbone):
     arch_aliases = {'ti': 'tiny', 't': 'tiny', 's': 'small', 'b': 'base', 'l': 'large', 'vit-ti': 'tiny',
                     'vit-t': 'tiny', 'vit-s': 'small', 'vit-b': 'base', 'vit-l': 'large'}
     model_name = 'ViT'
+    #: timm's counts of the classifiers at 224 (params with the 1000-way head; GMACs), see backbones.md
+    paper_table = {
+        'tiny': dict(params=5.72, gmacs=1.26, source='timm vit_tiny_patch16_224'),
+        'small': dict(params=22.05, gmacs=4.61, source='timm vit_small_patch16_224'),
+        'base': dict(params=86.57, gmacs=17.58, source='timm vit_base_patch16_224'),
+        'large': dict(params=304.33, gmacs=61.6, source='timm vit_large_patch16_224'),
+    }
+    #: the feature pyramid neck exists only for dense prediction
+    dense_only_prefixes = ('pyramid.', )
 
     def __init__(self,
                  arch: Union[str, dict] = 'base',
@@ -76,6 +85,16 @@ class ViT(PlainBackbone):
 
     def _configure_prefix(self, cfg: dict):
         pass
+
+    def classifier_param_delta(self) -> int:
+        """One 1000-way head per prefix token (class, distillation); prefix tokens a windowed model does not
+        build; the final norm when ``final_norm=False``."""
+        c = self.embed_dims
+        n = (c * 1000 + 1000) * self.num_prefix_tokens
+        n += c * (self.num_prefix_tokens - len(self.prefix_params))
+        if self.norm is None:
+            n += 2 * c
+        return n
 
     # ------------------------------------------------------------------ checkpoints
     def convert_checkpoint(self, sd: Dict[str, torch.Tensor]):
@@ -176,6 +195,15 @@ class DeiT(ViT):
                     's-d': 'small-distilled', 'b-d': 'base-distilled', 'tiny-d': 'tiny-distilled',
                     'small-d': 'small-distilled', 'base-d': 'base-distilled'}
     model_name = 'DeiT'
+    #: DeiT README params (with the head(s)); GMACs from timm (the README gives none for distilled models)
+    paper_table = {
+        'tiny': dict(params=5.7, gmacs=1.26, source='DeiT README / timm'),
+        'small': dict(params=22.0, gmacs=4.61, source='DeiT README / timm'),
+        'base': dict(params=86.0, gmacs=17.58, source='DeiT README / timm'),
+        'tiny-distilled': dict(params=5.9, gmacs=None, source='DeiT README / timm'),
+        'small-distilled': dict(params=22.4, gmacs=None, source='DeiT README / timm'),
+        'base-distilled': dict(params=87.0, gmacs=None, source='DeiT README / timm'),
+    }
 
     def _configure_prefix(self, cfg: dict):
         self.distilled = bool(cfg.pop('distilled', False))
