@@ -424,6 +424,10 @@ def _shuffle_on_synthetic(name, root):
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=1, val_interval=1)
     if cfg.default_scope == 'mmdet':
         cfg.model.neck.in_channels = chans
+        # lighter RoI stages (CPU test budget); the recipe's values are checked in the config test
+        cfg.model.train_cfg.rpn_proposal.max_per_img = cfg.model.test_cfg.rpn.max_per_img = 100
+        cfg.model.train_cfg.rcnn.sampler.num = 64
+        cfg.model.test_cfg.rcnn.max_per_img = 20
         cfg.model.roi_head.bbox_head.num_classes = cfg.model.roi_head.mask_head.num_classes = len(DEFAULT_CLASSES)
         for loader in ('train_dataloader', 'val_dataloader'):
             cfg[loader].dataset.metainfo = dict(classes=DEFAULT_CLASSES)
