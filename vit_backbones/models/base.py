@@ -1,5 +1,6 @@
 """What every backbone shares: variant lookup, output selection, freezing, input checks, pretrained
 loading, activation checkpointing and the description of the pyramid (``feature_info``)."""
+import contextlib
 import copy
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -59,6 +60,30 @@ def resolve_arch(arch: Union[str, Mapping], zoo: Mapping[str, dict], model_name:
                              f"'base': one of {sorted(zoo)}")
         return 'custom', arch
     raise TypeError(f'arch must be a variant name or a dict, got {type(arch).__name__}')
+
+
+class KeepBatchNormStats:
+    """Context manager: the training-mode BatchNorms inside ``module`` still normalise with batch
+    statistics, but their running statistics and counters are restored on exit (used for the
+    recomputation of activation checkpointing)."""
+
+    def __init__(self, module: nn.Module):
+        self.bns = [m for m in module.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [[t.detach().clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                       if t is not None] for bn in self.bns]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for bn, saved in zip(self.bns, self.saved):
+                live = [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None]
+                for t, old in zip(live, saved):
+                    t.copy_(old)
+        return False
 
 
 class BaseBackbone(BaseModule):
@@ -191,10 +216,14 @@ class BaseBackbone(BaseModule):
 
     # ---------------------------------------------------------------- checkpointing
     def run_block(self, block: nn.Module, *args):
-        """Call ``block(*args)``, with activation checkpointing when ``with_cp`` and gradients flow."""
+        """Call ``block(*args)``, with activation checkpointing when ``with_cp`` and gradients flow.
+
+        The recomputation in the backward pass leaves the block's BatchNorm running statistics alone, so
+        a checkpointed block updates them once per step, as without checkpointing."""
         if self.with_cp and self.training and torch.is_grad_enabled() and any(
                 a.requires_grad for a in args if isinstance(a, torch.Tensor)):
-            return checkpoint(block, *args, use_reentrant=False)
+            return checkpoint(block, *args, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), KeepBatchNormStats(block)))
         return block(*args)
 
     # ---------------------------------------------------------------- weights

@@ -23,14 +23,12 @@ Checkpoints: the official layout (``i2t.backbone.conv``, ``i2t.backbone.bn``, ``
 ``blocks.N.leff.conv1..3/bn1..3``, ``lca.*``, ``pos_layer_embed``, ``norm``, ``head``) and ours. timm and
 HF transformers have no CeiT.
 """
-import contextlib
 import re
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import ConvStem, LocallyEnhancedFeedForward, PatchEmbed, ViTBlock
@@ -58,25 +56,6 @@ class ImageToTokens(nn.Module):
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
         return self.proj(self.conv(x).permute(0, 3, 1, 2))
-
-
-class _RestoreBatchNormStats:
-    """Context for the recomputation of a checkpointed block: the BatchNorm statistics it updates again are
-    put back, so ``with_cp`` updates them once per forward, as without checkpointing."""
-
-    def __init__(self, bns: List[nn.Module]):
-        self.bns = bns
-
-    def __enter__(self):
-        self.saved = [[b.detach().clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-                      for bn in self.bns]
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for bn, saved in zip(self.bns, self.saved):
-                for buf, old in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), saved):
-                    buf.copy_(old)
-        return False
 
 
 @register_backbone
@@ -139,17 +118,6 @@ class CeiT(PlainBackbone):
         return ViTBlock(self.embed_dims, self.num_heads, self.mlp_ratio, self.qkv_bias, self.qk_scale, self.drop_rate,
                         self.attn_drop_rate, drop_path, layer_scale=self.layer_scale, window_size=window_size,
                         rel_pos=self.rel_pos and window_size > 0, mlp=leff)
-
-    def run_block(self, block: nn.Module, *args):
-        """As :meth:`BaseBackbone.run_block`, but the recomputation under ``with_cp`` leaves LeFF's BatchNorm
-        statistics alone (they would otherwise be updated twice per step)."""
-        if not (self.with_cp and self.training and torch.is_grad_enabled()
-                and any(a.requires_grad for a in args if isinstance(a, torch.Tensor))):
-            return block(*args)
-        bns = [m for m in block.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-        return checkpoint(block, *args, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _RestoreBatchNormStats(bns)))
 
     def classifier_param_delta(self) -> int:
         """LCA block (attention + MLP + two norms), its per-layer embedding, the final norm (when not built)

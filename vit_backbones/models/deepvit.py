@@ -21,14 +21,12 @@ Checkpoints load from the official layout, whose names are ours (``patch_embed.c
 ``blocks.N.attn.reatten_matrix``, ``blocks.N.attn.var_norm`` ...; the classifier ``head`` is dropped).
 timm has no DeepViT and HF transformers has none either.
 """
-import contextlib
 import re
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers.attention import Attention
@@ -86,28 +84,6 @@ class DeepViTBlock(ViTBlock):
         x = self.drop_path.add(x, y / a)
         y = self.mlp(self.norm2(x * a))
         return self.drop_path.add(x, y / a)
-
-
-class _NoRunningStatUpdate:
-    """Context for the recomputation of a checkpointed block: its training-mode BatchNorms normalise with
-    the batch statistics as in the forward, but do not update their running statistics a second time."""
-
-    def __init__(self, module: nn.Module):
-        self.bns = [m for m in module.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-        self.saved = []
-
-    def __enter__(self):
-        self.saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in self.bns]
-        for bn in self.bns:
-            bn.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
-        return self
-
-    def __exit__(self, *exc):
-        for bn, (momentum, count) in zip(self.bns, self.saved):
-            bn.momentum = momentum
-            bn.num_batches_tracked.copy_(count)
-        return False
 
 
 @register_backbone
@@ -190,15 +166,6 @@ class DeepViT(PlainBackbone):
                             self.drop_rate, self.attn_drop_rate, drop_path, window_size=window_size,
                             rel_pos=self.rel_pos and window_size > 0, attn=attn,
                             scale_adjustment=self.scale_adjustment)
-
-    def run_block(self, block: nn.Module, *args):
-        """As :meth:`BaseBackbone.run_block`; under ``with_cp`` the recomputation in the backward leaves the
-        re-attention BatchNorms' running statistics alone (they are updated once, in the forward)."""
-        if self.with_cp and self.training and torch.is_grad_enabled() and any(
-                a.requires_grad for a in args if isinstance(a, torch.Tensor)):
-            return checkpoint(block, *args, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _NoRunningStatUpdate(block)))
-        return block(*args)
 
     def classifier_param_delta(self) -> int:
         """The 1000-way head, and the final norm when ``final_norm=False`` leaves it out."""

@@ -34,15 +34,12 @@ Dense-prediction adaptations (``forward`` works for any H, W):
   requested level are not built (their checkpoint tensors are dropped with a reason in the load
   report); stage 0 and the whole stem are always built.
 """
-import contextlib
 import math
 import re
-from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
@@ -224,31 +221,6 @@ class LeViTStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
 
-class _FrozenBNStats:
-    """Context for the recomputation of a checkpointed block: its BatchNorms normalise with the batch
-    statistics as in the first pass but leave running stats and counters untouched (updated once)."""
-
-    def __init__(self, module: nn.Module):
-        self.bns = [m for m in module.modules() if isinstance(m, _BN_TYPES) and m.training and m.track_running_stats]
-        self.saved = []
-
-    def __enter__(self):
-        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
-        for m in self.bns:
-            m.momentum = 0.  # running = (1 - 0) * running + 0 * batch: unchanged
-        return self
-
-    def __exit__(self, *exc):
-        for m, (momentum, count) in zip(self.bns, self.saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
-        return False
-
-
-def _recompute_contexts(module: nn.Module):
-    return contextlib.nullcontext(), _FrozenBNStats(module)
-
-
 def _apply_rules(rules, k: str) -> str:
     for pat, rep in rules:
         k = re.sub(pat, rep, k)
@@ -379,12 +351,6 @@ class LeViT(BaseBackbone):
 
     def _stem_and_stages(self):
         return [self.stem] + list(self.stages)
-
-    def run_block(self, block: nn.Module, *args):
-        if self.with_cp and self.training and torch.is_grad_enabled() and any(
-                a.requires_grad for a in args if isinstance(a, torch.Tensor)):
-            return checkpoint(block, *args, use_reentrant=False, context_fn=partial(_recompute_contexts, block))
-        return block(*args)
 
     def classifier_param_delta(self) -> int:
         """The official classifier: two BN1d + Linear(C, 1000) heads (class and distillation) on pooled

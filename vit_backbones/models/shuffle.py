@@ -35,19 +35,17 @@ map borders, as the official one does.
 Outputs are the raw stage outputs (the official model has no output norms).
 """
 import re
-from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import Mlp, WindowPlan, make_drop_path, tokens_to_windows, window_plan, windows_to_tokens
 from ..registry import register_backbone
-from .base import _BN_TYPES, BaseBackbone, init_transformer_weights, resolve_arch
+from .base import BaseBackbone, init_transformer_weights, resolve_arch
 from .swin import WindowAttention
 
 
@@ -180,24 +178,6 @@ class ShuffleStage(nn.Module):
         ])
 
 
-@contextmanager
-def _frozen_bn_stats(module: nn.Module):
-    """While active, BatchNorm layers of ``module`` do not update their running statistics (momentum 0,
-    ``num_batches_tracked`` restored): used for the recomputation of activation checkpointing, so a
-    checkpointed block updates its statistics once per step, as without checkpointing."""
-    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in module.modules() if isinstance(m, _BN_TYPES)]
-    for m, _, _ in saved:
-        m.momentum = 0.
-    try:
-        yield
-    finally:
-        for m, momentum, tracked in saved:
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
 # ---------------------------------------------------------------------------------------------- backbone
 @register_backbone
 class ShuffleTransformer(BaseBackbone):
@@ -305,13 +285,6 @@ class ShuffleTransformer(BaseBackbone):
 
     def _stem_and_stages(self):
         return [self.patch_embed] + list(self.stages)
-
-    def run_block(self, block: nn.Module, *args):
-        if self.with_cp and self.training and torch.is_grad_enabled() and any(
-                a.requires_grad for a in args if isinstance(a, torch.Tensor)):
-            return checkpoint(block, *args, use_reentrant=False,
-                              context_fn=lambda: (nullcontext(), _frozen_bn_stats(block)))
-        return block(*args)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self.check_input(x)
