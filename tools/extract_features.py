@@ -123,7 +123,9 @@ def visualize(image: np.ndarray, record: dict, path: str, title: str):
     from PIL import Image, ImageDraw
     h, w = image.shape[:2]
     ph = max(1, int(round(PANEL * h / w)))
-    panels = [(Image.fromarray(image).resize((PANEL, ph), Image.BICUBIC), f'input {w}x{h}', title)]
+    ih, iw = record.get('input_size', (h, w))
+    label = f'input {w}x{h}' + ('' if (ih, iw) == (h, w) else f' -> {iw}x{ih}')  # file size -> size fed (W x H)
+    panels = [(Image.fromarray(image).resize((PANEL, ph), Image.BICUBIC), label, title)]
     for t, s, c in zip(record['levels'], record['strides'], record['channels']):
         rgb = (pca_rgb(t) * 255).round().byte().permute(1, 2, 0).numpy()
         # nearest upsampling keeps the cells visible; each cell covers `stride` input pixels

@@ -142,13 +142,16 @@ def row_cells(r: Dict) -> List[str]:
 
 def format_table(rows: Sequence[Dict], markdown: bool) -> str:
     cells = [row_cells(r) for r in rows]
+    headers = HEADERS
+    if not any(r['ms'] is not None for r in rows):  # --no-time: leave out the empty timing columns
+        headers, cells = headers[:-2], [c[:-2] for c in cells]
     if markdown:
-        lines = ['| ' + ' | '.join(HEADERS) + ' |', '|' + '|'.join('---' for _ in HEADERS) + '|']
+        lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---' for _ in headers) + '|']
         lines += ['| ' + ' | '.join(c) + ' |' for c in cells]
         return '\n'.join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(HEADERS)]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     fmt = '  '.join(f'{{:{"<" if i < 2 else ">"}{w}}}' for i, w in enumerate(widths))
-    return '\n'.join([fmt.format(*HEADERS), fmt.format(*('-' * w for w in widths))] + [fmt.format(*c) for c in cells])
+    return '\n'.join([fmt.format(*headers), fmt.format(*('-' * w for w in widths))] + [fmt.format(*c) for c in cells])
 
 
 def main(argv=None) -> int:
@@ -183,8 +186,8 @@ def main(argv=None) -> int:
                 print(f'  measured {name} {row["arch"]}', file=sys.stderr)
     notes = ['params: trunk without dense-only parts + the paper classifier\'s extra parts (head, final norm...); '
              'GMACs 224: the same trunk, FlopCounterMode / 2 (matmul, conv, attention); GMACs 800x1333: whole '
-             'backbone incl. pyramid; ms: batch-1 fp32 CPU forward, '
-             f'{torch.get_num_threads()} thread(s), torch {torch.__version__}.']
+             'backbone incl. pyramid' + ('.' if args.no_time else '; ms: batch-1 fp32 CPU forward, '
+                                         f'{torch.get_num_threads()} thread(s), torch {torch.__version__}.')]
     if missing:
         notes.append(f'no paper_table entry: {", ".join(missing)}')
     if args.markdown == '-':
