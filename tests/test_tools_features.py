@@ -317,6 +317,11 @@ def test_zoo_gmacs_count_excludes_dense_parts_and_cli_markdown(tmp_path, capsys)
         m = vit_backbones.build_backbone('ViT', 'base')
     assert abs(zoo.count_gmacs(m, (224, 224), m.dense_only_prefixes) - expected) < 1e-6
     assert zoo.count_gmacs(m, (224, 224)) > expected + 2  # the pyramid's ~2.8 GMACs
+    # on the CPU (timed runs) attention goes through the fused CPU kernel: counted the same as on meta
+    cpu = vit_backbones.build_backbone('ViT', 'tiny').eval()
+    with torch.device('meta'):
+        meta = vit_backbones.build_backbone('ViT', 'tiny').eval()
+    assert zoo.count_gmacs(cpu, (224, 224), ('pyramid.', )) == zoo.count_gmacs(meta, (224, 224), ('pyramid.', ))
     md = str(tmp_path / 'zoo.md')
     assert zoo.main(['--no-time', '--no-large', '--models', 'PVTv2', '--variants', 'b0', '--markdown', md]) == 0
     text = open(md).read()

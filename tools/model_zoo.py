@@ -60,12 +60,30 @@ def _module_prefix_match(rel: str, prefixes: Sequence[str]) -> bool:
     return any((rel + '.').startswith(p) or rel.startswith(p) for p in prefixes)
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU fused attention kernel (torch's counter has no formula for it): QK^T and AV."""
+    *batch, s_q, d = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * s_q * s_k * d + 2 * n * s_q * s_k * d_v
+
+
+def _flop_counter() -> FlopCounterMode:
+    custom = {}
+    cpu_sdpa = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    if cpu_sdpa is not None:
+        custom[cpu_sdpa] = _cpu_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
 def count_gmacs(model, hw, exclude_prefixes: Sequence[str] = ()) -> float:
     """GMACs of one (1, 3, *hw) forward, without the modules whose names start with ``exclude_prefixes``
     (parameter-name prefixes such as ``'pyramid.'``). Runs on the model's device; a meta-device model
     whose forward cannot run on meta tensors is moved to the CPU (uninitialised) and counted there."""
     device = next(iter(model.parameters())).device
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
     try:
         with counter, torch.no_grad():
             model(torch.zeros(1, 3, *hw, device=device))
