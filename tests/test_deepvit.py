@@ -255,7 +255,7 @@ def test_output_shapes_any_size(hw, kw):
 @pytest.mark.parametrize('kw', [dict(), dict(pyramid='simple', window_size=4, global_attn_indexes=(1, ), rel_pos=True)],
                          ids=['deconv', 'windows'])
 def test_every_parameter_gets_a_gradient(kw):
-    m = _tiny(**kw).train()
+    m = _tiny(drop_path_rate=0., **kw).train()  # no branch dropped
     sum(o.mean() for o in m(torch.randn(2, 3, 64, 80))).backward()
     assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
     assert m.blocks[3].attn.reatten_matrix.weight.grad is not None
@@ -369,3 +369,11 @@ def test_config_tiny_trains_and_predicts(tmp_path, monkeypatch, name):
     else:
         seg = sample.pred_sem_seg.data
         assert tuple(seg.shape) == (1, 64, 64) and int(seg.min()) >= 0 and int(seg.max()) < 4
+
+
+def test_feature_extraction_uses_the_official_normalisation():
+    """The official DeepViT models are trained on (x - 0.5) / 0.5, not the ImageNet mean/std."""
+    from vit_backbones import data_config
+    cfg = data_config('DeepViT')
+    assert cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)
+    assert data_config('ViT')['mean'] == (0.485, 0.456, 0.406)

@@ -70,7 +70,6 @@ class CaiT(PlainBackbone):
         's24': dict(params=46.9, gmacs=9.4, source='CaiT paper Table 1 / README_cait (224)'),
         's36': dict(params=68.2, gmacs=13.9, source='CaiT paper Table 1 (224)'),
     }
-    dense_only_prefixes = ('pyramid.', )
 
     prefix_token_names = ()  # no class token in the self-attention stage
     pos_embed_on_prefix = False

@@ -89,7 +89,6 @@ class CeiT(PlainBackbone):
                       'unverified)'),
         'base': dict(params=94.4, gmacs=None, source='coeusguo/ceit README (params)'),
     }
-    dense_only_prefixes = ('pyramid.', )
     model_name = 'CeiT'
     stem_chans = 64
 

@@ -65,7 +65,6 @@ class CPVT(PlainBackbone):
         for name, p in (('tiny', 5.7), ('small', 22.0), ('base', 86.0), ('tiny-gap', 5.7), ('small-gap', 22.0),
                         ('base-gap', 86.0))
     }
-    dense_only_prefixes = ('pyramid.', )
     abs_pos_embed = False
     model_name = 'CPVT'
 

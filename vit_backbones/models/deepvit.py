@@ -100,6 +100,8 @@ class DeepViT(PlainBackbone):
         Other arguments: see :class:`PlainBackbone` (pyramid, taps, ViTDet windows, freezing ...).
     """
 
+    #: the official models are trained on inputs normalised with mean = std = 0.5 (feature extraction uses it)
+    data_config = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     arch_zoo = {
         '16b': dict(embed_dims=384, depth=16, num_heads=12, mlp_ratio=3., reattn_blocks=16, transform_scale=False,
                     cnn_stem=False, scale_adjustment=1.0),
@@ -127,7 +129,6 @@ class DeepViT(PlainBackbone):
         'l': dict(params=55.0, gmacs=12.5, source='DeepViT paper (DeepViT-L); the official deepvit_L '
                   'definition (420 wide, 32 blocks, conv stem) has 58.9M'),
     }
-    dense_only_prefixes = ('pyramid.', )
 
     def __init__(self,
                  arch: Union[str, dict] = 's',

@@ -79,6 +79,8 @@ class PlainBackbone(BaseBackbone):
         norm_eval, with_cp, in_chans, init_cfg, pretrained: see :class:`BaseBackbone`.
     """
 
+    #: the pyramid serves dense prediction only (left out when comparing with the papers' classifiers)
+    dense_only_prefixes = ('pyramid.', )
     prefix_token_names: Tuple[str, ...] = ('cls_token', )
     pos_embed_on_prefix: bool = True
     abs_pos_embed: bool = True

@@ -66,8 +66,6 @@ class ViT(PlainBackbone):
         'base': dict(params=86.57, gmacs=17.58, source='timm vit_base_patch16_224'),
         'large': dict(params=304.33, gmacs=61.6, source='timm vit_large_patch16_224'),
     }
-    #: the feature pyramid neck exists only for dense prediction
-    dense_only_prefixes = ('pyramid.', )
 
     def __init__(self,
                  arch: Union[str, dict] = 'base',
