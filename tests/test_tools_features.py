@@ -327,3 +327,40 @@ def test_zoo_gmacs_count_excludes_dense_parts_and_cli_markdown(tmp_path, capsys)
     text = open(md).read()
     assert '| PVTv2 | b0 | 3.67 | 3.7 | -0.9% | 0.57 | 0.57 |' in text
     assert zoo.main(['--models', 'NoSuchNet']) == 2
+
+
+def _smallest_variant(name):
+    cls = get_backbone_class(name)
+    return min(cls.paper_table, key=lambda a: cls.paper_table[a]['params'])
+
+
+@pytest.mark.parametrize('name', list_backbones())
+def test_tools_work_on_every_backbone(tmp_path, capsys, name):
+    """Each of the twelve, smallest variant: a checkpoint written as a detector would save it (``backbone.``
+    prefix, ``state_dict`` wrapper) converts with tools/convert_checkpoint.py and reproduces the model;
+    tools/extract_features.py then writes every level with the model's strides and ceil sizes."""
+    arch = _smallest_variant(name)
+    torch.manual_seed(0)
+    src_model = vit_backbones.build_backbone(name, arch, drop_path_rate=0.).eval()
+    src = str(tmp_path / 'detector.pth')
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in src_model.state_dict().items()}, 'meta': {}}, src)
+    dst = str(tmp_path / 'converted.pth')
+    assert _tool('convert_checkpoint').main([src, dst, '--model', name, '--arch', arch, '--quiet']) == 0
+    capsys.readouterr()
+    img = str(tmp_path / 'in' / 'a.png')
+    arr = _write_image(img, 70, 100, seed=1)
+    out_dir = str(tmp_path / 'out')
+    assert _tool('extract_features').main([img, '--model', name, '--arch', arch, '--checkpoint', dst,
+                                           '--out-dir', out_dir]) == 0
+    saved = torch.load(osp.join(out_dir, 'a.pt'), weights_only=True)
+    assert list(saved['strides']) == src_model.out_strides and list(saved['channels']) == src_model.out_channels
+    cfg = data_config(name)  # no resize by default: the image at its own size, normalised as pre-trained
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(cfg['mean']).view(1, 3, 1, 1)) / torch.tensor(cfg['std']).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = src_model(x)
+    levels = saved['levels']
+    assert len(levels) == len(ref)
+    for s, lv, r in zip(src_model.out_strides, levels, ref):
+        assert tuple(lv.shape) == (r.shape[1], math.ceil(70 / s), math.ceil(100 / s))
+        assert _max_diff(torch.as_tensor(lv), r[0]) < 1e-4
