@@ -432,3 +432,19 @@ def test_upernet_cvt_trains_and_predicts(tmp_path):
         sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
     seg = sample.pred_sem_seg.data
     assert tuple(seg.shape) == (1, 96, 96) and int(seg.min()) >= 0 and int(seg.max()) < 4
+
+
+def test_with_cp_updates_batchnorm_statistics_once():
+    """The conv projections' BatchNorms: activation checkpointing recomputes each block in the backward pass
+    without updating the running statistics again (BaseBackbone.run_block), so they equal a run without it."""
+    torch.manual_seed(0)
+    a = _cvt().train()
+    b = _cvt(with_cp=True).train()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 72)
+    for m in (a, b):
+        sum(o.mean() for o in m(x)).backward()
+    bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())
+    tracked = [k for k in bufs_a if k.endswith('num_batches_tracked')]
+    assert tracked and all(int(bufs_b[k]) == 1 for k in tracked)
+    assert max(float((bufs_a[k].float() - bufs_b[k].float()).abs().max()) for k in bufs_a) < 1e-6
