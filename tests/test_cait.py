@@ -25,10 +25,7 @@ def _randomize(module, seed=0):
 
 def _tc():
     """tests/test_configs.py (its helpers _load, _build_model, _set_size, _tiny_run, _plain_on_demo)."""
-    try:
-        from tests import test_configs
-    except ImportError:  # another package named 'tests' shadows ours
-        import test_configs
+    import test_configs  # tests/ is on sys.path under pytest, as for helpers.py
     return test_configs
 
 

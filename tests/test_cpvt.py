@@ -288,12 +288,8 @@ def test_bad_inputs_have_clear_errors():
 
 # ----------------------------------------------------------------------------- configs
 def _config_helpers(*names):
-    """The helpers of tests/test_configs.py (``tests`` can be shadowed by a site-packages package of that
-    name, so fall back to the module pytest puts on sys.path)."""
-    try:
-        from tests import test_configs as tc
-    except ImportError:
-        import test_configs as tc
+    """The helpers of tests/test_configs.py."""
+    import test_configs as tc  # tests/ is on sys.path under pytest, as for helpers.py
     return tuple(getattr(tc, n) for n in names)
 
 

@@ -36,10 +36,7 @@ def _max_diff(a, b):
 
 def _tc():
     """tests/test_configs.py (its config helpers), however pytest put tests/ on the path."""
-    try:
-        from tests import test_configs
-    except ImportError:
-        import test_configs
+    import test_configs  # tests/ is on sys.path under pytest, as for helpers.py
     return test_configs
 
 

@@ -12,10 +12,7 @@ import torch.nn.functional as F
 import vit_backbones
 from vit_backbones.checkpoint import CheckpointMismatchError
 
-try:
-    from tests.test_configs import _build_model, _load, _set_size, _tiny_run
-except ImportError:  # an installed package named 'tests' shadows ours; pytest puts tests/ on sys.path
-    from test_configs import _build_model, _load, _set_size, _tiny_run
+from test_configs import _build_model, _load, _set_size, _tiny_run  # tests/ is on sys.path under pytest, as for helpers.py
 
 # a tiny variant with every code path (two shrink blocks, multi-block stages, value ratio != 1)
 TINY = dict(embed_dims=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depths=(1, 2, 1), attn_ratio=2, mlp_ratio=2,

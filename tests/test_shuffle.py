@@ -16,10 +16,7 @@ from einops import rearrange
 
 import vit_backbones
 from vit_backbones.checkpoint import CheckpointMismatchError
-try:
-    from tests.test_configs import _build_model, _load, _set_size, _tiny_run
-except ImportError:  # another installed package named 'tests' shadows ours; pytest puts tests/ on sys.path
-    from test_configs import _build_model, _load, _set_size, _tiny_run
+from test_configs import _build_model, _load, _set_size, _tiny_run  # tests/ is on sys.path under pytest, as for helpers.py
 
 NAME = 'ShuffleTransformer'
 SMALL = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
