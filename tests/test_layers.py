@@ -229,3 +229,86 @@ def test_conv_stem_strides_and_bn(hw):
     assert sum(isinstance(m, torch.nn.Hardswish) for m in stem.modules()) == 3  # none after the last conv
     pooled = ConvStem(3, (32, ), (2, ), kernel_size=7, pool=(3, 2))  # CeiT-style image-to-tokens
     assert pooled.stride == 4 and pooled(torch.randn(1, 3, *hw)).shape == (1, -(-hw[0] // 4), -(-hw[1] // 4), 32)
+
+
+def _window_attention_reference(x, attn, hw, ws, shift, key_pad_mask=None):
+    """Window attention from its definition: zero-pad the (normalised) map at the bottom/right, roll by
+    -shift, cut windows, project each zero-or-real token, attend with the relative bias (+ the -100
+    shift mask from region labels, or a key-padding mask), undo everything, crop."""
+    b, _, c = x.shape
+    h, w = hw
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    m = F.pad(x.view(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h))
+    m = torch.roll(m, (-shift, -shift), (1, 2))
+    win = m.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, ws * ws, c)
+    heads = attn.num_heads
+    qkv = attn.qkv(win).view(b, win.shape[1], ws * ws, 3, heads, c // heads)
+    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # (B, heads, nW, N, d)
+    s = torch.einsum('bhwnd,bhwmd->bhwnm', q, k) * attn.scale + attn.rel_pos((ws, ws))[:, None]
+    if shift:
+        region = torch.zeros(hp, wp, dtype=torch.long)
+        for i, rs in enumerate((slice(0, hp - ws), slice(hp - ws, hp - shift), slice(hp - shift, hp))):
+            for j, cs in enumerate((slice(0, wp - ws), slice(wp - ws, wp - shift), slice(wp - shift, wp))):
+                region[rs, cs] = 3 * i + j
+        rw = region.view(hp // ws, ws, wp // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+        s = s + (rw[:, :, None] != rw[:, None, :]).to(s.dtype) * -100.
+    if key_pad_mask is not None:
+        s = s + key_pad_mask.view(1, 1, -1, 1, ws * ws)
+    out = torch.einsum('bhwnm,bhwmd->bhwnd', s.softmax(-1), v).permute(0, 2, 3, 1, 4).reshape(b, -1, ws * ws, c)
+    out = out.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    out = torch.roll(out, (shift, shift), (1, 2))[:, :h, :w].reshape(b, h * w, c)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize('hw,ws,shift', [((9, 11), 4, 2), ((8, 8), 4, 0), ((8, 8), 4, 2), ((5, 3), 7, 3), ((9, 11), 4, 0)])
+def test_window_attention_matches_definition_with_gradients(hw, ws, shift):
+    """Training path (one autograd function from the qkv tokens to the output tokens, projections on
+    real tokens only, padding slots = q/k/v of a zero token) and the no-grad fused path both equal the
+    pad/roll/partition definition; the gradients of the input, both projections, the qkv bias (which
+    the padding slots use too) and the relative-position table are the definition's."""
+    from vit_backbones.layers import WindowAttention, window_plan
+    torch.manual_seed(0)
+    attn = WindowAttention(12, 3, (ws, ws)).double()
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+        attn.rel_pos.relative_position_bias_table.normal_()
+    x = torch.randn(2, hw[0] * hw[1], 12, dtype=torch.float64, requires_grad=True)
+    plan = window_plan(hw, (ws, ws), (shift, shift), x.device)
+    mask = shifted_window_mask(plan.padded_hw, (ws, ws), (shift, shift), x.device, torch.float64) if shift else None
+    leaves = [x] + list(attn.parameters())
+    ref = _window_attention_reference(x, attn, hw, ws, shift)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves)
+    out = attn(x, plan, mask)
+    grads = torch.autograd.grad((out * g).sum(), leaves)
+    assert (out - ref).abs().max() < 1e-12
+    for (name, _), a, b in zip([('x', None)] + list(attn.named_parameters()), grads, ref_grads):
+        assert (a - b).abs().max() < 1e-11, name
+    with torch.no_grad():
+        assert (attn(x, plan, mask) - ref).abs().max() < 1e-12
+    # attention dropout in training takes the composed path; a vanishing rate must give the same values
+    attn.attn_drop = 1e-12
+    out = attn.train()(x, plan, mask)
+    assert (out - ref).abs().max() < 1e-10
+    assert (torch.autograd.grad((out * g).sum(), x)[0] - ref_grads[0]).abs().max() < 1e-10
+
+
+def test_window_attention_key_padding_mask_with_gradients():
+    """The (nW, 1, N) key-padding mask the Shuffle Transformer uses: padded keys get no weight."""
+    from vit_backbones.layers import WindowAttention, window_plan
+    torch.manual_seed(1)
+    hw, ws = (6, 7), 4
+    attn = WindowAttention(8, 2, (ws, ws), qkv_bias=False).double()
+    plan = window_plan(hw, (ws, ws), (0, 0), torch.device('cpu'))
+    key_mask = torch.zeros(plan.num_windows * ws * ws, dtype=torch.float64)
+    key_mask[plan.pad_slots] = float('-inf')
+    key_mask = key_mask.view(plan.num_windows, 1, ws * ws)
+    x = torch.randn(3, hw[0] * hw[1], 8, dtype=torch.float64, requires_grad=True)
+    ref = _window_attention_reference(x, attn, hw, ws, 0, key_mask)
+    out = attn(x, plan, key_mask)
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-12
+    leaves = [x] + list(attn.parameters())
+    for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+        assert (a - b).abs().max() < 1e-11
+    with torch.no_grad():
+        assert (attn(x, plan, key_mask) - ref).abs().max() < 1e-12

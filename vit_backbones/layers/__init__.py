@@ -26,4 +26,6 @@ from .leff import LocallyEnhancedFeedForward  # noqa: E402,F401
 __all__ += ['PositionalEncodingGenerator', 'LocallyEnhancedFeedForward']
 from .head_mixing import ReAttention, TalkingHeadAttention, mix_heads  # noqa: E402,F401
 __all__ += ['ReAttention', 'TalkingHeadAttention', 'mix_heads']
+from .window_attention import WindowAttention, window_attention  # noqa: E402,F401
+__all__ += ['WindowAttention', 'window_attention']
 from .attention_bias import gather_offset_bias, offset_bias_index, resize_offset_bias_table  # noqa: E402,F401

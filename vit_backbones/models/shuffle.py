@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import Mlp, WindowPlan, make_drop_path, tokens_to_windows, window_plan, windows_to_tokens
+from ..layers import Mlp, WindowAttention, WindowPlan, make_drop_path, window_plan
 from ..registry import register_backbone
 from .base import BaseBackbone, init_transformer_weights, resolve_arch
-from .swin import WindowAttention
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -157,9 +156,7 @@ class ShuffleBlock(nn.Module):
         b, h, w, c = x.shape
         ws = self.window_size
         plan, mask = shuffle_window_plan((h, w), ws, self.shuffle, x.device)
-        windows = tokens_to_windows(x.reshape(b, h * w, c), plan)
-        out = self.attn(windows, (ws, ws), mask)
-        return windows_to_tokens(out, plan).view(b, h, w, c)
+        return self.attn(x.reshape(b, h * w, c), plan, mask).view(b, h, w, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop_path.add(x, self.attend(_bn_nhwc(self.norm1, x)))

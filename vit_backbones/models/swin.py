@@ -13,32 +13,10 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import (Attention, Mlp, split_heads, PatchEmbed, RelativePositionBias, drop_path_schedule, make_drop_path,
-                      scaled_dot_product, shifted_window_mask, tokens_to_windows, window_plan, windows_to_tokens)
+from ..layers import (Mlp, PatchEmbed, WindowAttention, drop_path_schedule, make_drop_path, shifted_window_mask,
+                      window_plan)
 from ..registry import register_backbone
 from .base import BaseBackbone, resolve_arch
-
-
-class WindowAttention(Attention):
-    """Multi-head attention inside windows with a learned relative position bias.
-
-    ``forward(x, window, mask)`` takes windows (B*nW, N, C) and an optional shift mask (nW, N, N).
-    q, k and v stay strided views of the fused projection (the SDPA CPU kernel reads them in place).
-    """
-
-    def __init__(self, dim: int, num_heads: int, window: Tuple[int, int], **kwargs):
-        super().__init__(dim, num_heads, **kwargs)
-        self.rel_pos = RelativePositionBias(num_heads, window)
-
-    def forward(self, x: torch.Tensor, window: Tuple[int, int], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        bw, n, c = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        bias = self.rel_pos(window).unsqueeze(0)  # (1, heads, N, N): 4-D keeps the fused CPU kernel
-        if mask is not None:  # per-window shift mask, repeated over the batch
-            nw = mask.shape[0]
-            bias = (bias + mask.unsqueeze(1)).unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, -1, n, n)
-        out = scaled_dot_product(q, k, v, bias, self.attn_drop if self.training else 0., self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
 class SwinBlock(nn.Module):
@@ -69,7 +47,7 @@ class SwinBlock(nn.Module):
         # pad (bottom/right) -> cyclic shift -> partition, as one cached gather
         plan = window_plan(tuple(hw), window, (shift, shift), x.device)
         mask = shifted_window_mask(plan.padded_hw, window, (shift, shift), x.device, torch.float32) if shift else None
-        return windows_to_tokens(self.attn(tokens_to_windows(x, plan), window, mask), plan)
+        return self.attn(x, plan, mask)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         x = self.drop_path.add(x, self._attend(self.norm1(x), hw))

@@ -1,0 +1,211 @@
+"""Multi-head attention inside windows, computed straight from raster tokens and back.
+
+A :class:`~vit_backbones.layers.window.WindowPlan` (Swin's padded + shifted windows, Shuffle
+Transformer's shuffled windows, ViTDet-style plain windows) says which raster token sits in which window
+slot. :func:`window_attention` takes the fused ``qkv`` projection of the *real* tokens (B, H*W, 3C) and
+returns the attention output for the real tokens (B, H*W, C):
+
+* one gather moves q, k and v into windows *and* splits the heads, giving a (3, B, heads, nW*N, d)
+  buffer whose every (B, heads, window) block is a contiguous (N, d) matrix for the batched matmuls;
+  padding slots get the projection of a zero token (the qkv bias), exactly what projecting a
+  zero-padded map gives, so the projections never run on padding;
+* one gather brings the output back to raster order and merges the heads; the output projection then
+  also runs on real tokens only;
+* in training, softmax(q k^T * scale + bias) v runs as one autograd function that keeps only q, k, v
+  and the attention matrix, computes the softmax in place, and writes the q/k/v gradients into one
+  buffer that the gather's backward turns back into the (B, H*W, 3C) layout. Without gradients it is
+  the fused ``scaled_dot_product_attention`` kernel.
+
+The bias is a per-head relative-position bias (heads, N, N) plus an optional per-window mask
+((nW, N, N) shift mask or (nW, 1, N) key-padding mask), kept apart so the gradient of the learned part
+is one reduction.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Attention, explicit_attention
+from .rel_pos import RelativePositionBias
+from .window import WindowPlan
+
+
+def _combined_bias(rel: Optional[torch.Tensor], mask: Optional[torch.Tensor], num_windows: int,
+                   n: int) -> Optional[torch.Tensor]:
+    """(heads or 1, nW or 1, N, N) additive bias from a (heads, N, N) table and an (nW, N|1, N) mask."""
+    bias = None if rel is None else rel.unsqueeze(1)
+    if mask is not None:
+        m = mask.reshape(1, num_windows, -1, n)
+        bias = m if bias is None else bias + m
+    return bias
+
+
+def _gather_qkv(qkv: torch.Tensor, plan: WindowPlan, heads: int, qkv_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    b, n, c3 = qkv.shape
+    d = c3 // (3 * heads)
+    out = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).index_select(3, plan.gather)
+    if plan.pad_slots is not None:
+        if qkv_bias is None:
+            out.index_fill_(3, plan.pad_slots, 0.)
+        else:
+            fill = qkv_bias.detach().to(out.dtype).view(3, 1, heads, 1, d)
+            out.index_copy_(3, plan.pad_slots, fill.expand(3, b, heads, plan.pad_slots.numel(), d))
+    return out
+
+
+def _scatter_out(out: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    b, heads, _, d = out.shape
+    return out.permute(0, 2, 1, 3).index_select(1, plan.scatter).view(b, -1, heads * d)
+
+
+class _QKVToWindows(torch.autograd.Function):
+    """(B, H*W, 3C) -> (3, B, heads, nW*N, d); padding slots hold the qkv bias."""
+
+    @staticmethod
+    def forward(ctx, qkv, qkv_bias, plan, heads):
+        ctx.plan, ctx.shape = plan, qkv.shape
+        ctx.bias_shape = None if qkv_bias is None else qkv_bias.shape
+        return _gather_qkv(qkv, plan, heads, qkv_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan = ctx.plan
+        g_qkv = grad.permute(1, 3, 0, 2, 4).index_select(1, plan.scatter).view(ctx.shape)
+        g_bias = None
+        if ctx.needs_input_grad[1] and plan.pad_slots is not None:
+            g_bias = grad.index_select(3, plan.pad_slots).sum((1, 3)).reshape(ctx.bias_shape)
+        return g_qkv, g_bias, None, None
+
+
+class _WindowsToTokens(torch.autograd.Function):
+    """(B, heads, nW*N, d) -> (B, H*W, heads*d): raster order, heads merged, padding dropped."""
+
+    @staticmethod
+    def forward(ctx, out, plan):
+        ctx.plan, ctx.heads = plan, out.shape[1]
+        return _scatter_out(out, plan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan = ctx.plan
+        b, n, c = grad.shape
+        g = grad.view(b, n, ctx.heads, c // ctx.heads).permute(0, 2, 1, 3).index_select(2, plan.gather)
+        if plan.pad_slots is not None:
+            g.index_fill_(2, plan.pad_slots, 0.)
+        return g, None
+
+
+class _WindowSoftmaxAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + rel + mask) v over (3, B, heads, nW*N, d) windows, few buffers.
+
+    Saves q, k, v (the input buffer) and the attention matrix; the backward is the textbook one
+    (dS = P * (dP - rowsum(dP * P))) with dS computed in place of dP and dq, dk, dv written into one
+    buffer laid out like the input.
+    """
+
+    @staticmethod
+    def forward(ctx, qkvw, rel, mask, scale, num_windows):
+        _, b, heads, length, d = qkvw.shape
+        n = length // num_windows
+        q, k, v = (t.view(-1, n, d) for t in qkvw.unbind(0))
+        scores = qkvw.new_empty(b, heads, num_windows, n, n)
+        bias = _combined_bias(rel, mask, num_windows, n)
+        if bias is None:
+            scores.zero_()
+        else:
+            scores.copy_(bias.expand_as(scores))
+        attn = scores.view(-1, n, n).baddbmm_(q, k.transpose(1, 2), alpha=scale)
+        attn = torch.softmax(attn, -1, out=attn)
+        out = torch.bmm(attn, v)
+        ctx.save_for_backward(qkvw, attn)
+        ctx.scale, ctx.num_windows = scale, num_windows
+        return out.view(b, heads, length, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkvw, attn = ctx.saved_tensors
+        _, b, heads, length, d = qkvw.shape
+        n = length // ctx.num_windows
+        q, k, v = (t.view(-1, n, d) for t in qkvw.unbind(0))
+        g = grad.reshape(-1, n, d)
+        dqkv = torch.empty_like(qkvw)
+        dq, dk, dv = (t.view(-1, n, d) for t in dqkv.unbind(0))
+        dp = torch.bmm(g, v.transpose(1, 2))
+        torch.bmm(attn.transpose(1, 2), g, out=dv)
+        ds = torch._softmax_backward_data(dp, attn, -1, attn.dtype, grad_input=dp)
+        d_rel = None
+        if ctx.needs_input_grad[1]:
+            d_rel = ds.view(b, heads, ctx.num_windows, n, n).sum((0, 2))
+        torch.bmm(ds, k, out=dq).mul_(ctx.scale)
+        torch.bmm(ds.transpose(1, 2), q, out=dk).mul_(ctx.scale)
+        return dqkv, d_rel, None, None, None
+
+
+def window_attention(qkv: torch.Tensor,
+                     plan: WindowPlan,
+                     num_heads: int,
+                     scale: float,
+                     rel_bias: Optional[torch.Tensor] = None,
+                     mask: Optional[torch.Tensor] = None,
+                     qkv_bias: Optional[torch.Tensor] = None,
+                     dropout_p: float = 0.) -> torch.Tensor:
+    """Attention inside the windows of ``plan`` for raster tokens.
+
+    Args:
+        qkv: (B, H*W, 3C) fused projection of the real tokens, laid out (3, heads, d) per token.
+        plan: the windows (``plan.hw == (H, W)``).
+        num_heads: number of heads; ``scale``: score scale.
+        rel_bias: (heads, N, N) bias shared by all windows (N = window area), may require grad.
+        mask: constant per-window additive mask, (nW, N, N) or (nW, 1, N) (key padding).
+        qkv_bias: the projection's bias, the q/k/v of the zero tokens in padding slots (None: zeros).
+        dropout_p: attention dropout (pass 0 in eval).
+
+    Returns (B, H*W, C), heads merged, in raster order.
+    """
+    b, hw, c3 = qkv.shape
+    if hw != plan.hw[0] * plan.hw[1] or c3 % (3 * num_heads):
+        raise ValueError(f'qkv {tuple(qkv.shape)} does not fit a {plan.hw} map with {num_heads} heads')
+    nw, n = plan.num_windows, plan.window[0] * plan.window[1]
+    d = c3 // (3 * num_heads)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (qkv, rel_bias, qkv_bias))
+    if not needs_grad:
+        q, k, v = _gather_qkv(qkv, plan, num_heads, qkv_bias).unbind(0)
+        bias = _combined_bias(rel_bias, mask, nw, n)
+        if bias is not None and bias.shape[1] == nw:  # (heads|1, nW, N, N): windows x heads as one batch dim
+            q, k, v = (t.view(b, -1, n, d) for t in (q, k, v))
+            bias = bias.expand(num_heads, nw, n, n).reshape(1, num_heads * nw, n, n)
+        else:  # (heads, 1, N, N) or none: batch x heads as the batch dim, windows as the "heads" dim
+            q, k, v = (t.view(b * num_heads, nw, n, d) for t in (q, k, v))
+            if bias is not None:
+                bias = bias.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * num_heads, 1, n, n)
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return _scatter_out(out.view(b, num_heads, nw * n, d), plan)
+    qkvw = _QKVToWindows.apply(qkv, qkv_bias, plan, num_heads)
+    if dropout_p == 0.:
+        out = _WindowSoftmaxAttention.apply(qkvw, rel_bias, mask, scale, nw)
+    else:
+        q, k, v = (t.view(b, num_heads, nw, n, d) for t in qkvw.unbind(0))
+        out = explicit_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), dropout_p, scale)
+        out = out.reshape(b, num_heads, nw * n, d)
+    return _WindowsToTokens.apply(out, plan)
+
+
+class WindowAttention(Attention):
+    """Multi-head attention inside windows with a learned relative position bias (Swin, Shuffle).
+
+    ``forward(x, plan, mask)`` takes raster tokens (B, H*W, C) of a ``plan.hw`` map and an optional
+    constant per-window mask ((nW, N, N) shift mask or (nW, 1, N) key-padding mask); the qkv and output
+    projections run on the real tokens only (see :func:`window_attention`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: Tuple[int, int], **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        self.rel_pos = RelativePositionBias(num_heads, window)
+
+    def forward(self, x: torch.Tensor, plan: WindowPlan, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = window_attention(self.qkv(x), plan, self.num_heads, self.scale, self.rel_pos(plan.window), mask,
+                               self.qkv.bias, self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(out))
