@@ -2,7 +2,48 @@
 from typing import Optional, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _LinearGeluLinear(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) for training, with the GELU gradient computed in place of the fc1-output
+    gradient (one hidden-size buffer fewer per block than autograd's chain; the largest buffers of a
+    high-resolution backbone). Same operations as the module chain, so the same numbers; under autocast
+    everything runs in the autocast dtype, as autocast's own Linear would."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, approximate):
+        dtype = _compute_dtype(x)
+        lead = x.shape[:-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            w1, w2 = w1.to(dtype), w2.to(dtype)
+            h = F.linear(x2, w1, None if b1 is None else b1.to(dtype))
+            a = F.gelu(h, approximate=approximate)
+            y = F.linear(a, w2, None if b2 is None else b2.to(dtype))
+        ctx.save_for_backward(x2, h, a, w1, w2)
+        ctx.approximate, ctx.x_shape, ctx.x_dtype = approximate, x.shape, x.dtype
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, h, a, w1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gy = gy.reshape(-1, gy.shape[-1]).to(h.dtype)
+        gw2 = gy.t().mm(a) if need[3] else None
+        gb2 = gy.sum(0) if need[4] else None
+        gh = gy.mm(w2)
+        gh = torch.ops.aten.gelu_backward.grad_input(gh, h, approximate=ctx.approximate, grad_input=gh)
+        gw1 = gh.t().mm(x2) if need[1] else None
+        gb1 = gh.sum(0) if need[2] else None
+        gx = gh.mm(w1).view(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
+        return gx, gw1, gb1, gw2, gb2, None
 
 
 class Mlp(nn.Module):
@@ -30,6 +71,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if (self.dwconv is None and type(self.act) is nn.GELU and isinstance(self.drop, nn.Identity)
+                and torch.is_grad_enabled()):
+            return _LinearGeluLinear.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                           self.act.approximate)
         x = self.fc1(x)
         if self.dwconv is not None:
             if hw is None:

@@ -53,9 +53,34 @@ def _gather_qkv(qkv: torch.Tensor, plan: WindowPlan, heads: int, qkv_bias: Optio
     return out
 
 
+def _row_index(plan: WindowPlan, kind: str, batch: int, heads: int) -> torch.Tensor:
+    """Cached row indices that turn a head-interleaving gather into one ``index_select`` over the rows
+    (length-d vectors) of a contiguous buffer; a strided ``index_select`` would first copy its source.
+
+    'out': (B, heads, nW*N, d) windows -> (B, H*W, heads, d) tokens.
+    'qkv_grad': (3, B, heads, nW*N, d) window gradients -> (B, H*W, 3, heads, d) token gradients.
+    """
+    cache = plan.__dict__.setdefault('_row_index', {})
+    key = (kind, batch, heads)
+    if key not in cache:
+        hw, length = plan.scatter.numel(), plan.gather.numel()
+        scatter = plan.scatter.view(1, hw, 1)
+        b = torch.arange(batch, device=scatter.device).view(batch, 1, 1)
+        h = torch.arange(heads, device=scatter.device)
+        if kind == 'out':
+            index = (b * heads + h.view(1, 1, heads)) * length + scatter
+        else:
+            s = torch.arange(3, device=scatter.device).view(1, 1, 3, 1)
+            index = ((s * batch + b.unsqueeze(-1)) * heads + h.view(1, 1, 1, heads)) * length + scatter.unsqueeze(-1)
+        rows = (3 if kind == 'qkv_grad' else 1) * batch * heads * length
+        cache[key] = index.reshape(-1).to(torch.int32 if rows < 2**31 else torch.int64)
+    return cache[key]
+
+
 def _scatter_out(out: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     b, heads, _, d = out.shape
-    return out.permute(0, 2, 1, 3).index_select(1, plan.scatter).view(b, -1, heads * d)
+    rows = out.contiguous().view(-1, d).index_select(0, _row_index(plan, 'out', b, heads))
+    return rows.view(b, -1, heads * d)
 
 
 class _QKVToWindows(torch.autograd.Function):
@@ -70,7 +95,8 @@ class _QKVToWindows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         plan = ctx.plan
-        g_qkv = grad.permute(1, 3, 0, 2, 4).index_select(1, plan.scatter).view(ctx.shape)
+        _, b, heads, _, d = grad.shape
+        g_qkv = grad.contiguous().view(-1, d).index_select(0, _row_index(plan, 'qkv_grad', b, heads)).view(ctx.shape)
         g_bias = None
         if ctx.needs_input_grad[1] and plan.pad_slots is not None:
             g_bias = grad.index_select(3, plan.pad_slots).sum((1, 3)).reshape(ctx.bias_shape)
