@@ -42,3 +42,12 @@ def test_anchor_and_ours_compute_the_same_function(model):
     # mmdet's PVT v2 uses LayerNorm eps 1e-6 in its patch embeddings where the official code (and ours) use 1e-5
     tol = 5e-4 if model == 'pvtv2' else 1e-4
     assert max(float((r - o).abs().max()) for r, o in zip(ref, out)) < tol
+
+
+def test_paired_timing_alternates_and_summarises():
+    """--pairs: anchor and ours in one process, alternating steps; the summary is consistent."""
+    bench = _bench()
+    r = bench.time_pairs('swin', 'train', (32, 48, 1), pairs=3, warmup=0, device=torch.device('cpu'),
+                         drop_path=0.)
+    assert r['pairs'] == 3 and r['anchor_ms'] > 0 and r['ours_ms'] > 0
+    assert r['ratio_min'] <= r['ratio_median'] <= r['ratio_max']

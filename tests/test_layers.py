@@ -148,6 +148,24 @@ def test_patch_embed_output_is_ceil(kernel, stride, pad, hw):
     assert out.shape == (1, -(-hw[0] // stride), -(-hw[1] // stride), 8)
 
 
+@pytest.mark.parametrize('patch,hw', [(4, (17, 22)), (16, (32, 48)), ((2, 3), (5, 7))])
+def test_non_overlapping_patch_embed_equals_its_conv_with_gradients(patch, hw):
+    """Kernel == stride runs as a Linear on flattened patches; it must be the zero-padded conv exactly
+    (float64), with the same weight/bias gradients and the conv's checkpoint layout."""
+    torch.manual_seed(0)
+    pe = PatchEmbed(3, 8, patch).double()
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    x = torch.randn(2, 3, *hw, dtype=torch.float64)
+    out = pe(x)
+    padded = F.pad(x, (0, -hw[1] % pw, 0, -hw[0] % ph))
+    ref = F.conv2d(padded, pe.proj.weight, pe.proj.bias, stride=(ph, pw)).permute(0, 2, 3, 1)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), [pe.proj.weight, pe.proj.bias])
+    want = torch.autograd.grad((ref * g).sum(), [pe.proj.weight, pe.proj.bias])
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(got, want))
+
+
 def test_drop_path():
     torch.manual_seed(0)
     dp = DropPath(0.5)
@@ -312,3 +330,35 @@ def test_window_attention_key_padding_mask_with_gradients():
         assert (a - b).abs().max() < 1e-11
     with torch.no_grad():
         assert (attn(x, plan, key_mask) - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize('approximate', ['none', 'tanh'])
+def test_mlp_training_function_equals_module_chain(approximate):
+    """The fused fc1-GELU-fc2 training function (GELU gradient in place) runs the same operations as
+    the module chain: identical output and gradients; under bf16 autocast it computes in bf16 like
+    autocast's Linear and hands back float32 parameter gradients."""
+    from vit_backbones.layers import Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24, act_layer=lambda: torch.nn.GELU(approximate=approximate)).double()
+
+    def chain(x):
+        return mlp.fc2(F.gelu(mlp.fc1(x), approximate=approximate))
+
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 6, dtype=torch.float64)
+    leaves = [x] + list(mlp.parameters())
+    out = mlp(x)
+    assert out.grad_fn is not None and 'LinearGeluLinear' in type(out.grad_fn).__name__
+    ref = chain(x)
+    assert torch.equal(out, ref)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
+        assert torch.equal(a, b)
+    mlp.float()
+    xf = x.detach().float().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, ref = mlp(xf), chain(xf)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    grads = torch.autograd.grad(out.float().sum(), [xf] + list(mlp.parameters()))
+    ref_grads = torch.autograd.grad(ref.float().sum(), [xf] + list(mlp.parameters()))
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=2e-2, atol=1e-2)

@@ -15,7 +15,10 @@ Each timing is the median of ``--repeats`` runs after ``--warmup`` runs. Peak me
 allocator's peak on a GPU; on the CPU it is the growth of the process' peak RSS during the timed runs,
 measured in a fresh subprocess per case (peak RSS minus the RSS before the first pass), so cases do
 not hide each other's peaks.
-Ratios are anchor time / our time (>1: ours is faster). For ViT/DeiT the anchor is mmseg's recipe
+Ratios are anchor time / our time (>1: ours is faster). With ``--pairs N`` (default 6) each input size
+and pass is also timed *paired*: both models in one process, N alternating single steps, and the
+median of the N per-step ratios (with its min and max) is reported; on a shared machine whose speed
+drifts, that ratio is the steadier one. For ViT/DeiT the anchor is mmseg's recipe
 (VisionTransformer + Feature2Pyramid neck) against our backbone with its built-in deconvolution pyramid;
 the output check compares the trunks (the necks' weights are not transferred).
 """
@@ -167,6 +170,44 @@ def time_case(impl, model, mode, amp, size, repeats, warmup, device, drop_path, 
     return dict(median_ms=1000 * statistics.median(times), times_ms=[1000 * t for t in times], peak_mb=peak / 2**20)
 
 
+def time_pairs(model, mode, size, pairs, warmup, device, drop_path, arch=None):
+    """Anchor and ours in one process, alternating single steps (anchor first on even pairs, ours first on
+    odd ones): machine-speed drifts longer than one pair hit both sides, so the per-pair ratios are
+    much steadier than the ratio of separately timed medians on a shared machine."""
+    h, w, b = size
+    anchor, ours = shared_weights(model, drop_path, arch)
+    anchor, ours = anchor.to(device), ours.to(device)
+    x = torch.randn(b, 3, h, w, device=device)
+    for net in (anchor, ours):
+        net.train(mode == 'train')
+
+    def step(net):
+        _sync(device)
+        t0 = time.perf_counter()
+        if mode == 'eval':
+            with torch.no_grad():
+                net(x)
+        else:
+            net.zero_grad(set_to_none=True)
+            sum(o.float().mean() for o in net(x)).backward()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        step(anchor), step(ours)
+    ta, to = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            ta.append(step(anchor))
+            to.append(step(ours))
+        else:
+            to.append(step(ours))
+            ta.append(step(anchor))
+    ratios = sorted(a / o for a, o in zip(ta, to))
+    return dict(anchor_ms=1000 * statistics.median(ta), ours_ms=1000 * statistics.median(to),
+                ratio_median=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1], pairs=pairs)
+
+
 def _trunk_outputs(net, x):
     """What both implementations compute with the same weights: for the plain models the trunk's tapped
     blocks as maps (the pyramid necks have different, untransferred weights), else the outputs."""
@@ -214,6 +255,7 @@ def matmul_rate(dtype, device, n=2048, repeats=5):
 
 def run_in_subprocess(args, case):
     cmd = [sys.executable, os.path.abspath(__file__), '--_case', json.dumps(case), '--repeats', str(args.repeats),
+           '--pairs', str(args.pairs),
            '--warmup', str(args.warmup), '--device', args.device, '--threads', str(args.threads), '--model', args.model,
            '--drop-path', str(args.drop_path)] + (['--arch', args.arch] if args.arch else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -246,6 +288,8 @@ def main():
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--drop-path', type=float, default=0.2)
     p.add_argument('--no-bf16', action='store_true', help='skip the bf16 autocast cases')
+    p.add_argument('--pairs', type=int, default=6,
+                   help='also time anchor and ours alternately in one process, this many pairs per pass (0: skip)')
     p.add_argument('--json', help='also write the results here')
     p.add_argument('--_case', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -254,6 +298,10 @@ def main():
     device = torch.device(args.device)
     if args._case:
         c = json.loads(args._case)
+        if c.get('paired'):
+            print(json.dumps(time_pairs(args.model, c['mode'], tuple(c['size']), args.pairs, args.warmup, device,
+                                        args.drop_path, args.arch)))
+            return
         r = time_case(c['impl'], args.model, c['mode'], c['amp'], tuple(c['size']), args.repeats, args.warmup, device,
                       args.drop_path, args.arch)
         print(json.dumps(r))
@@ -283,17 +331,25 @@ def main():
             label = 'anchor' if impl == 'mmdet' else 'ours'
             print(f'  {size[0]}x{size[1]} b{size[2]} {label:6s} {mode:5s} {"bf16" if amp else "fp32"}: '
                   f'{r["median_ms"]:8.1f} ms  peak +{r["peak_mb"]:7.1f} MB', flush=True)
+        for mode in ('eval', 'train') if anchor and args.pairs > 0 else ():
+            r = run_in_subprocess(args, dict(paired=True, mode=mode, size=size))
+            row[f'paired_{mode}'] = r
+            print(f'  {size[0]}x{size[1]} b{size[2]} paired {mode:5s} fp32: anchor {r["anchor_ms"]:.1f} ms, ours '
+                  f'{r["ours_ms"]:.1f} ms, speed-up {r["ratio_median"]:.2f}x (min {r["ratio_min"]:.2f}, max '
+                  f'{r["ratio_max"]:.2f}, {r["pairs"]} pairs)', flush=True)
         results.append(row)
     print()
-    print('| input | pass | anchor fp32 ms | ours fp32 ms | ours bf16 ms | fp32 speed-up | bf16 speed-up vs anchor fp32 '
-          '| peak MB anchor / ours / ours bf16 |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| input | pass | anchor fp32 ms | ours fp32 ms | ours bf16 ms | fp32 speed-up | paired fp32 speed-up '
+          '[min-max] | bf16 speed-up vs anchor fp32 | peak MB anchor / ours / ours bf16 |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for row in results:
         h, w, b = row['size']
         for mode in ('eval', 'train'):
             a, o, q = row.get(f'mmdet_{mode}'), row[f'ours_{mode}'], row.get(f'ours_{mode}_bf16')
+            pr = row.get(f'paired_{mode}')
+            paired = f'{pr["ratio_median"]:.2f}x [{pr["ratio_min"]:.2f}-{pr["ratio_max"]:.2f}]' if pr else '-'
             print(f'| {h}x{w} b{b} | {"forward" if mode == "eval" else "fwd+bwd"} | {_ms(a)} | {_ms(o)} | {_ms(q)} | '
-                  f'{_ratio(a, o)} | {_ratio(a, q)} | {_mb(a)} / {_mb(o)} / {_mb(q)} |')
+                  f'{_ratio(a, o)} | {paired} | {_ratio(a, q)} | {_mb(a)} / {_mb(o)} / {_mb(q)} |')
     for row in results:
         h, w, b = row['size']
         print(f'{h}x{w} b{b}: max |ours - anchor| fp32 = {row["fp32_max_abs_diff_vs_anchor"]:.2e}; '
