@@ -362,3 +362,37 @@ def test_mlp_training_function_equals_module_chain(approximate):
     ref_grads = torch.autograd.grad(ref.float().sum(), [xf] + list(mlp.parameters()))
     for a, b in zip(grads, ref_grads):
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize('kind', ['frozen_bias', 'no_bias'])
+def test_window_attention_constant_bias_training_path(kind):
+    """With no bias gradient to compute (frozen table, or no table: ViTDet windows without rel-pos) the
+    training path is the fused kernel with its own backward; values and gradients = the definition."""
+    from vit_backbones.layers import WindowAttention, window_attention, window_plan
+    torch.manual_seed(2)
+    hw, ws, shift = (9, 10), 4, 2
+    attn = WindowAttention(12, 3, (ws, ws)).double()
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+        table = attn.rel_pos.relative_position_bias_table
+        table.normal_() if kind == 'frozen_bias' else table.zero_()
+    table.requires_grad_(False)
+    x = torch.randn(2, hw[0] * hw[1], 12, dtype=torch.float64, requires_grad=True)
+    plan = window_plan(hw, (ws, ws), (shift, shift), x.device)
+    mask = shifted_window_mask(plan.padded_hw, (ws, ws), (shift, shift), x.device, torch.float64)
+    rel = attn.rel_pos((ws, ws)) if kind == 'frozen_bias' else None
+    out = attn.proj(window_attention(attn.qkv(x), plan, 3, attn.scale, rel, mask, attn.qkv.bias))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            stack += [n for n, _ in f.next_functions]
+    nodes = {type(f).__name__ for f in seen}
+    assert any('ScaledDotProduct' in n for n in nodes) and '_WindowSoftmaxAttentionBackward' not in nodes
+    ref = _window_attention_reference(x, attn, hw, ws, shift)
+    assert (out - ref).abs().max() < 1e-12
+    leaves = [x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight]
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
+        assert (a - b).abs().max() < 1e-11

@@ -11,10 +11,11 @@ returns the attention output for the real tokens (B, H*W, C):
   zero-padded map gives, so the projections never run on padding;
 * one gather brings the output back to raster order and merges the heads; the output projection then
   also runs on real tokens only;
-* in training, softmax(q k^T * scale + bias) v runs as one autograd function that keeps only q, k, v
-  and the attention matrix, computes the softmax in place, and writes the q/k/v gradients into one
-  buffer that the gather's backward turns back into the (B, H*W, 3C) layout. Without gradients it is
-  the fused ``scaled_dot_product_attention`` kernel.
+* in training with a learned bias, softmax(q k^T * scale + bias) v runs as one autograd function that
+  keeps only q, k, v and the attention matrix, computes the softmax in place, and writes the q/k/v
+  gradients into one buffer that the gather's backward turns back into the (B, H*W, 3C) layout (the
+  fused CPU kernels give no bias gradient). Without gradients, or when the bias is constant, it is
+  the fused ``scaled_dot_product_attention`` kernel (and its fused backward).
 
 The bias is a per-head relative-position bias (heads, N, N) plus an optional per-window mask
 ((nW, N, N) shift mask or (nW, 1, N) key-padding mask), kept apart so the gradient of the learned part
@@ -161,7 +162,7 @@ class _WindowSoftmaxAttention(torch.autograd.Function):
         ds = torch._softmax_backward_data(dp, attn, -1, attn.dtype, grad_input=dp)
         d_rel = None
         if ctx.needs_input_grad[1]:
-            d_rel = ds.view(b, heads, ctx.num_windows, n, n).sum((0, 2))
+            d_rel = ds.view(b, heads, ctx.num_windows, n, n).sum(2).sum(0)  # one-axis sums: much faster than sum((0, 2))
         torch.bmm(ds, k, out=dq).mul_(ctx.scale)
         torch.bmm(ds.transpose(1, 2), q, out=dk).mul_(ctx.scale)
         return dqkv, d_rel, None, None, None
@@ -195,8 +196,16 @@ def window_attention(qkv: torch.Tensor,
     d = c3 // (3 * num_heads)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (qkv, rel_bias, qkv_bias))
-    if not needs_grad:
-        q, k, v = _gather_qkv(qkv, plan, num_heads, qkv_bias).unbind(0)
+    learned_bias = needs_grad and rel_bias is not None and rel_bias.requires_grad
+    qkvw = _QKVToWindows.apply(qkv, qkv_bias, plan, num_heads) if needs_grad else _gather_qkv(
+        qkv, plan, num_heads, qkv_bias)
+    if learned_bias and dropout_p == 0.:
+        out = _WindowSoftmaxAttention.apply(qkvw, rel_bias, mask, scale, nw)
+    elif learned_bias:  # attention dropout with a learned bias: composed explicit path
+        q, k, v = (t.view(b, num_heads, nw, n, d) for t in qkvw.unbind(0))
+        out = explicit_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), dropout_p, scale)
+    else:  # no bias gradient needed: the fused kernel (with its fused backward in training)
+        q, k, v = qkvw.unbind(0)
         bias = _combined_bias(rel_bias, mask, nw, n)
         if bias is not None and bias.shape[1] == nw:  # (heads|1, nW, N, N): windows x heads as one batch dim
             q, k, v = (t.view(b, -1, n, d) for t in (q, k, v))
@@ -207,15 +216,10 @@ def window_attention(qkv: torch.Tensor,
                 bias = bias.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * num_heads, 1, n, n)
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        return _scatter_out(out.view(b, num_heads, nw * n, d), plan)
-    qkvw = _QKVToWindows.apply(qkv, qkv_bias, plan, num_heads)
-    if dropout_p == 0.:
-        out = _WindowSoftmaxAttention.apply(qkvw, rel_bias, mask, scale, nw)
-    else:
-        q, k, v = (t.view(b, num_heads, nw, n, d) for t in qkvw.unbind(0))
-        out = explicit_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), dropout_p, scale)
-        out = out.reshape(b, num_heads, nw * n, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        if not needs_grad:
+            return _scatter_out(out.view(b, num_heads, nw * n, d), plan)
+    out = out.reshape(b, num_heads, nw * n, d)
     return _WindowsToTokens.apply(out, plan)
 
 
