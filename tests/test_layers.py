@@ -150,13 +150,16 @@ def test_patch_embed_output_is_ceil(kernel, stride, pad, hw):
 
 @pytest.mark.parametrize('patch,hw', [(4, (17, 22)), (16, (32, 48)), ((2, 3), (5, 7))])
 def test_non_overlapping_patch_embed_equals_its_conv_with_gradients(patch, hw):
-    """Kernel == stride runs as a Linear on flattened patches; it must be the zero-padded conv exactly
-    (float64), with the same weight/bias gradients and the conv's checkpoint layout."""
+    """The patch embedding (run channels-last, NHWC out) is the zero-padded NCHW conv (float64), with
+    the same weight/bias gradients, and it calls its conv module (hooks on ``proj`` see every call)."""
     torch.manual_seed(0)
     pe = PatchEmbed(3, 8, patch).double()
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
     x = torch.randn(2, 3, *hw, dtype=torch.float64)
+    calls = []
+    pe.proj.register_forward_hook(lambda m, i, o: calls.append(o.shape))
     out = pe(x)
+    assert len(calls) == 1 and out.is_contiguous()
     padded = F.pad(x, (0, -hw[1] % pw, 0, -hw[0] % ph))
     ref = F.conv2d(padded, pe.proj.weight, pe.proj.bias, stride=(ph, pw)).permute(0, 2, 3, 1)
     assert out.shape == ref.shape and (out - ref).abs().max() < 1e-12

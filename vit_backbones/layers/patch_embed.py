@@ -44,15 +44,9 @@ class PatchEmbed(nn.Module):
         need_w = (ow - 1) * self.stride[1] + self.patch_size[1] - 2 * self.padding[1]
         if need_h > h or need_w > w:
             x = F.pad(x, (0, max(need_w - w, 0), 0, max(need_h - h, 0)))
-        if self.patch_size == self.stride and self.padding == (0, 0):
-            # non-overlapping: the conv is a Linear on (C, ph, pw)-flattened patches, and its output comes
-            # out NHWC-contiguous (the conv's NCHW output would need a layout copy each way)
-            b, c = x.shape[:2]
-            (ph, pw), d = self.patch_size, self.proj.out_channels
-            x = x[:, :, :oh * ph, :ow * pw].reshape(b, c, oh, ph, ow, pw).permute(0, 2, 4, 1, 3, 5)
-            x = F.linear(x.reshape(b, oh, ow, c * ph * pw), self.proj.weight.view(d, -1), self.proj.bias)
-        else:
-            x = self.proj(x).permute(0, 2, 3, 1)
+        # channels-last in, so the conv's output is already the NHWC token layout (no copy either way; the
+        # oneDNN kernel is also faster so on this CPU: 1.3-2x for the image-level patch embeddings)
+        x = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         if self.norm is not None:
             x = self.norm(x)
         return x
