@@ -139,3 +139,12 @@ class Attention(nn.Module):
         x = scaled_dot_product(q, k, v, bias, self.attn_drop if self.training else 0., self.scale)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
+
+    def forward_windows(self, x: torch.Tensor, plan, rel_bias: Optional[torch.Tensor] = None,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same attention inside the windows of a ``WindowPlan``, for raster tokens (B, H*W, C): see
+        :func:`~vit_backbones.layers.window_attention.window_attention` (projections on real tokens only)."""
+        from .window_attention import window_attention  # that module builds on this one
+        out = window_attention(self.qkv(x), plan, self.num_heads, self.scale, rel_bias, mask, self.qkv.bias,
+                               self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(out))

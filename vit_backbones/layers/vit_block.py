@@ -17,7 +17,6 @@ from .layer_scale import LayerScale
 from .mlp import Mlp
 from .rel_pos import RelativePositionBias
 from .window import tokens_to_windows, window_plan, windows_to_tokens
-from .window_attention import window_attention
 
 LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -84,15 +83,11 @@ class ViTBlock(nn.Module):
         window = (self.window_size, self.window_size)
         plan = window_plan(tuple(hw), window, (0, 0), x.device)
         rel_pos = getattr(self.attn, 'rel_pos', None)
-        attn = self.attn
-        if type(attn) is Attention:  # plain multi-head attention: straight from the tokens, projections on real tokens
-            out = window_attention(attn.qkv(x), plan, attn.num_heads, attn.scale,
-                                   rel_pos(window) if rel_pos is not None else None, None, attn.qkv.bias,
-                                   attn.attn_drop if self.training else 0.)
-            return attn.proj_drop(attn.proj(out))
+        if isinstance(self.attn, Attention):  # straight from the tokens, projections on real tokens only
+            return self.attn.forward_windows(x, plan, rel_pos(window) if rel_pos is not None else None)
         # attention modules that need the attention matrix (re-attention, talking heads) get windows
         bias = rel_pos(window).unsqueeze(0) if rel_pos is not None else None
-        return windows_to_tokens(attn(tokens_to_windows(x, plan), bias), plan)
+        return windows_to_tokens(self.attn(tokens_to_windows(x, plan), bias), plan)
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         y = self.norm1(x)

@@ -228,7 +228,7 @@ class WindowAttention(Attention):
 
     ``forward(x, plan, mask)`` takes raster tokens (B, H*W, C) of a ``plan.hw`` map and an optional
     constant per-window mask ((nW, N, N) shift mask or (nW, 1, N) key-padding mask); the qkv and output
-    projections run on the real tokens only (see :func:`window_attention`).
+    projections run on the real tokens only (:meth:`Attention.forward_windows`).
     """
 
     def __init__(self, dim: int, num_heads: int, window: Tuple[int, int], **kwargs):
@@ -236,6 +236,4 @@ class WindowAttention(Attention):
         self.rel_pos = RelativePositionBias(num_heads, window)
 
     def forward(self, x: torch.Tensor, plan: WindowPlan, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = window_attention(self.qkv(x), plan, self.num_heads, self.scale, self.rel_pos(plan.window), mask,
-                               self.qkv.bias, self.attn_drop if self.training else 0.)
-        return self.proj_drop(self.proj(out))
+        return self.forward_windows(x, plan, self.rel_pos(plan.window), mask)
