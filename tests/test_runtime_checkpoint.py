@@ -20,7 +20,7 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner, load_checkpoint
 from torch.utils.data import Dataset
 
-from vit_backbones import runtime
+from vit_backbones.runtime import safe_globals as runtime
 from vit_backbones.runtime import allow_mmengine_checkpoints, mmengine_safe_globals
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
