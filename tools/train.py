@@ -25,8 +25,9 @@ except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
     import vit_backbones  # noqa: F401
 
-from vit_backbones.runtime import (allow_mmengine_checkpoints, enable_amp, prepare_distributed,
-                                   register_scope_modules, resolve_scope)
+from vit_backbones.runtime import (allow_mmengine_checkpoints, enable_amp, find_resume_checkpoint,
+                                   prepare_distributed, register_scope_modules, resolve_scope,
+                                   use_safe_checkpoint_hook)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -41,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=str,
         const='auto',
         help='resume training: with a checkpoint path, from that checkpoint; with no value, from the '
-        'latest checkpoint in the work dir (training starts from scratch if there is none)')
+        'newest checkpoint in the work dir that loads (missing, partial or corrupt ones are skipped with a '
+        'warning; training starts from scratch if there is none)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -89,9 +91,19 @@ def build_config(args: argparse.Namespace) -> Config:
             raise KeyError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) in the config')
         cfg.auto_scale_lr.enable = True
 
+    # Crash-safe checkpoints with the generator states (exact resume) instead of mmengine's CheckpointHook.
+    use_safe_checkpoint_hook(cfg)
+
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        allow_mmengine_checkpoints()
+        found = find_resume_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        if found is None:
+            print(f'--resume: no complete checkpoint in {cfg.work_dir}; training starts from scratch', flush=True)
+            cfg.resume = False
+        else:
+            print(f'--resume: resuming from {found}', flush=True)
+            cfg.resume = True
+            cfg.load_from = found
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')

@@ -12,6 +12,7 @@
 Everything imports with torch, mmengine and numpy alone; mmdet and mmseg are imported lazily.
 """
 from .amp import BF16AutocastOptimWrapper, cpu_bf16_support, enable_amp
+from .checkpoint_hook import SafeCheckpointHook, find_resume_checkpoint, use_safe_checkpoint_hook
 from .distributed import init_cpu_distributed, prepare_distributed
 from .safe_globals import allow_mmengine_checkpoints, mmengine_safe_globals
 from .scope import SUPPORTED_SCOPES, register_scope_modules, resolve_scope
@@ -19,5 +20,5 @@ from .scope import SUPPORTED_SCOPES, register_scope_modules, resolve_scope
 __all__ = [
     'allow_mmengine_checkpoints', 'mmengine_safe_globals', 'BF16AutocastOptimWrapper', 'cpu_bf16_support',
     'enable_amp', 'SUPPORTED_SCOPES', 'resolve_scope', 'register_scope_modules', 'init_cpu_distributed',
-    'prepare_distributed'
+    'prepare_distributed', 'SafeCheckpointHook', 'find_resume_checkpoint', 'use_safe_checkpoint_hook'
 ]
