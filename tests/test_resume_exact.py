@@ -25,7 +25,7 @@ def results(tmp_path_factory):
     # between checkpoints; during the write of the second checkpoint (the first is the only complete
     # one, and max_keep_ckpts=1 must not have removed it); the instant the second one is published.
     moments = ['iter:3', 'save:4', 'saved:4', 'iter:5']
-    return trials.run_trials(moments, root, iters=6, interval=2, verbose=False)
+    return trials.run_trials(moments, root, trials.Setup(iters=6, interval=2), verbose=False)
 
 
 def test_every_kill_moment_resumes_bit_identical(results):
@@ -48,6 +48,6 @@ def test_resume_starts_from_the_newest_complete_checkpoint(results):
 
 def test_without_generator_states_resume_differs(tmp_path):
     """The check above can fail: the same kill with checkpoints that lack the generator states."""
-    res = trials.run_trials(['iter:3'], str(tmp_path), iters=4, interval=2, verbose=False, rng_state=False)
+    res = trials.run_trials(['iter:3'], str(tmp_path), trials.Setup(iters=4, interval=2, rng_state=False), verbose=False)
     assert res[0]['resumed_from'] == ['iter_2.pth'] and not res[0]['identical']
     assert any(k.startswith('backbone.') for k in res[0]['differing'])

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from math import ceil
 from typing import Dict, List, Optional, Sequence
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -55,41 +57,74 @@ model.update(
 """
 
 
-def make_data(root: str, size: int = 64, num_train: int = 12) -> str:
+NUM_TRAIN = 12
+
+
+def make_data(root: str, size: int = 64) -> str:
     """The synthetic COCO-format set (``tools/make_synthetic_data.py``) in ``root``, made once."""
     if not osp.isfile(osp.join(root, 'annotations', 'instances_train2017.json')):
         subprocess.run([sys.executable, osp.join(REPO_ROOT, 'tools', 'make_synthetic_data.py'), '--out', root,
-                        '--kind', 'coco', '--size', str(size), '--num-train', str(num_train), '--num-val', '2'],
+                        '--kind', 'coco', '--size', str(size), '--num-train', str(NUM_TRAIN), '--num-val', '2'],
                        check=True, cwd=REPO_ROOT, capture_output=True)
     return root
 
 
-def write_config(root: str, data_root: str, iters: int, interval: int, workers: int, full: bool,
-                 rng_state: bool = True) -> str:
-    """A config inheriting the synthetic Mask R-CNN one: ``iters`` iterations, a checkpoint every
-    ``interval`` (``max_keep_ckpts=1``, as the demo), drop path 0.2, every iteration logged, no
-    validation; the small model unless ``full``. ``rng_state=False`` turns off the generator states
-    in the checkpoints (to see what they are for)."""
+@dataclass
+class Setup:
+    """What a trial trains: ``iters`` iterations with a checkpoint every ``interval`` (``max_keep_ckpts=1``,
+    as the demo), or with ``epochs`` > 0 an epoch-based loop (DefaultSampler, a checkpoint every epoch);
+    drop path 0.2, every iteration logged; validation at every checkpoint if ``validate``; the small
+    model unless ``full``. ``rng_state=False`` leaves the generator states out of the checkpoints (to
+    see what they are for)."""
+    iters: int = 6
+    interval: int = 2
+    workers: int = 0
+    persistent_workers: bool = False
+    epochs: int = 0
+    validate: bool = False
+    full: bool = False
+    rng_state: bool = True
+
+    @property
+    def final_checkpoint(self) -> str:
+        return f'epoch_{self.epochs}.pth' if self.epochs else f'iter_{self.iters}.pth'
+
+    def checkpoint_name(self, k) -> str:
+        return f'epoch_{k}.pth' if self.epochs else f'iter_{k}.pth'
+
+
+def write_config(root: str, data_root: str, setup: Setup) -> str:
+    """A config inheriting the synthetic Mask R-CNN one, as ``setup`` says; returns its path."""
     path = osp.join(root, 'trial_config.py')
+    d = data_root + '/'
+    total = setup.iters if not setup.epochs else setup.epochs * ceil(NUM_TRAIN / 2)
     text = f"""_base_ = [{CONFIG!r}]
-train_dataloader = dict(num_workers={workers}, persistent_workers={workers > 0},
-                        dataset=dict(data_root={data_root + '/'!r}))
-train_cfg = dict(max_iters={iters}, val_interval={iters + 1})
-val_dataloader = None
-val_cfg = None
-val_evaluator = None
-test_dataloader = None
-test_cfg = None
-test_evaluator = None
+train_dataloader = dict(num_workers={setup.workers}, persistent_workers={setup.persistent_workers},
+                        dataset=dict(data_root={d!r}))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=2),
-    dict(type='CosineAnnealingLR', T_max={max(iters - 2, 1)}, eta_min=2e-5, by_epoch=False, begin=2, end={iters}),
+    dict(type='CosineAnnealingLR', T_max={max(total - 2, 1)}, eta_min=2e-5, by_epoch=False, begin=2, end={total}),
 ]
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval={interval}, max_keep_ckpts=1,
-                                                             save_rng_state={rng_state}))
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval={setup.interval if not setup.epochs else 1},
+                     by_epoch={bool(setup.epochs)}, max_keep_ckpts=1, save_rng_state={setup.rng_state}))
 model = dict(backbone=dict(drop_path_rate=0.2))
 """
-    if not full:
+    if setup.epochs:
+        text += f"""train_dataloader.update(sampler=dict(_delete_=True, type='DefaultSampler', shuffle=True))
+train_cfg = dict(_delete_=True, type='EpochBasedTrainLoop', max_epochs={setup.epochs}, val_interval=1)
+log_processor = dict(by_epoch=True)
+"""
+    else:
+        text += f"train_cfg = dict(max_iters={setup.iters}, val_interval={setup.interval})\n"
+    if setup.validate:
+        text += f"""val_dataloader = dict(dataset=dict(data_root={d!r}))
+val_evaluator = dict(ann_file={d + 'annotations/instances_val2017.json'!r})
+test_dataloader = val_dataloader
+test_evaluator = val_evaluator
+"""
+    else:
+        text += 'val_dataloader = val_cfg = val_evaluator = test_dataloader = test_cfg = test_evaluator = None\n'
+    if not setup.full:
         text += SMALL_MODEL
     with open(path, 'w') as f:
         f.write(text)
@@ -116,23 +151,23 @@ def run_to_end(cmd: List[str], env: Dict[str, str], log_path: str) -> None:
 
 
 def run_and_kill(cmd: List[str], env: Dict[str, str], log_path: str, work_dir: str, moment: str,
-                 max_wall: float) -> str:
+                 setup: Setup, max_wall: float) -> str:
     """Start training, SIGKILL it at ``moment``; returns what happened ('killed at ...' or 'finished')."""
     log = open(log_path, 'a')
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     start = time.time()
     kind, _, arg = moment.partition(':')
     deadline = start + (float(arg) if kind == 'random' else max_wall)
+    tmp_pattern = osp.join(glob.escape(work_dir), '.tmp-*' + (f'-{setup.checkpoint_name(arg)}' if arg else ''))
     try:
         while proc.poll() is None:
-            now = time.time()
-            if kind == 'iter' and _log_has_iter(log_path, int(arg)):
+            if kind == 'iter' and _iters_logged(log_path) >= int(arg):
                 break
-            if kind == 'save' and glob.glob(osp.join(glob.escape(work_dir), f'.tmp-*{arg and f"_{arg}.pth"}')):
+            if kind == 'save' and glob.glob(tmp_pattern):
                 break
-            if kind == 'saved' and osp.exists(osp.join(work_dir, f'iter_{arg}.pth')):
+            if kind == 'saved' and osp.exists(osp.join(work_dir, setup.checkpoint_name(arg))):
                 break
-            if now >= deadline:
+            if time.time() >= deadline:
                 break
             time.sleep(0.001 if kind in ('save', 'saved') else 0.02)
         if proc.poll() is not None:
@@ -144,9 +179,9 @@ def run_and_kill(cmd: List[str], env: Dict[str, str], log_path: str, work_dir: s
         log.close()
 
 
-def _log_has_iter(log_path: str, k: int) -> bool:
-    """Whether the training log shows iteration ``k`` (mmengine pads the number: ``[ 3/12]``)."""
-    return re.search(r'Iter\(train\) \[\s*%d/' % k, open(log_path).read()) is not None
+def _iters_logged(log_path: str) -> int:
+    """How many training iterations the log shows (``Iter(train) [ 3/12]`` or ``Epoch(train) [1][3/6]``)."""
+    return len(re.findall(r'(?:Iter|Epoch)\(train\)\s*(?:\[\s*\d+\])?\s*\[\s*\d+/', open(log_path).read()))
 
 
 def compare(a_path: str, b_path: str) -> List[str]:
@@ -167,35 +202,36 @@ def compare(a_path: str, b_path: str) -> List[str]:
     return diff
 
 
-def run_trials(moments: Sequence[str], root: str, iters: int = 6, interval: int = 2, workers: int = 0,
-               full: bool = False, threads: int = 1, verbose: bool = True, data_root: Optional[str] = None,
-               rng_state: bool = True) -> List[dict]:
+def run_trials(moments: Sequence[str], root: str, setup: Optional[Setup] = None, threads: int = 1,
+               verbose: bool = True, data_root: Optional[str] = None) -> List[dict]:
     """Reference run, then one kill-and-resume trial per moment; returns one dict per trial."""
+    setup = setup or Setup()
     env = _env(threads)
     data_root = data_root or make_data(osp.join(root, 'data'))
-    config = write_config(root, data_root, iters, interval, workers, full, rng_state)
+    config = write_config(root, data_root, setup)
     ref_dir = osp.join(root, 'reference')
     t0 = time.time()
     run_to_end(train_command(config, ref_dir, False), env, osp.join(root, 'reference.log'))
     ref_wall = time.time() - t0
-    reference = osp.join(ref_dir, f'iter_{iters}.pth')
+    reference = osp.join(ref_dir, setup.final_checkpoint)
     if verbose:
-        print(f'uninterrupted run: {iters} iterations in {ref_wall:.1f} s', flush=True)
+        print(f'uninterrupted run: {_iters_logged(osp.join(root, "reference.log"))} iterations in {ref_wall:.1f} s',
+              flush=True)
     results = []
     for i, moment in enumerate(moments):
         if moment == 'random':
             moment = f'random:{random.uniform(0.3, 1.0) * ref_wall:.2f}'
         work = osp.join(root, f'trial{i}')
         log_path = osp.join(root, f'trial{i}.log')
-        what = run_and_kill(train_command(config, work, False), env, log_path,
-                            work, moment, max_wall=10 * ref_wall + 60)
+        what = run_and_kill(train_command(config, work, False), env, log_path, work, moment, setup,
+                            max_wall=10 * ref_wall + 60)
         resumes = 0
-        while not osp.isfile(osp.join(work, f'iter_{iters}.pth')):
+        while not osp.isfile(osp.join(work, setup.final_checkpoint)):
             run_to_end(train_command(config, work, True), env, log_path)
             resumes += 1
             if resumes > 3:
                 raise RuntimeError(f'trial {i}: no final checkpoint after {resumes} resumes; log: {log_path}')
-        diff = compare(reference, osp.join(work, f'iter_{iters}.pth'))
+        diff = compare(reference, osp.join(work, setup.final_checkpoint))
         log_text = open(log_path).read()
         resumed_from = [line.split('resuming from ', 1)[1].strip() for line in log_text.splitlines()
                         if '--resume: resuming from ' in line]
@@ -215,10 +251,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--trials', type=int, default=10, help='number of random kill moments (without --moments)')
     parser.add_argument('--moments', nargs='+',
-                        help='kill moments: iter:K, save, save:K, saved:K, random (overrides --trials)')
-    parser.add_argument('--iters', type=int, default=6, help='iterations per run')
+                        help='kill moments: iter:K, save, save:K, saved:K, random (overrides --trials); K is '
+                        'the iteration, or the epoch with --epochs')
+    parser.add_argument('--iters', type=int, default=6, help='iterations per run (iteration-based loop)')
     parser.add_argument('--interval', type=int, default=2, help='checkpoint interval (iterations)')
+    parser.add_argument('--epochs', type=int, default=0,
+                        help=f'an epoch-based loop of this many epochs ({ceil(NUM_TRAIN / 2)} iterations each, '
+                        'a checkpoint per epoch) instead')
     parser.add_argument('--workers', type=int, default=0, help='train data loader workers')
+    parser.add_argument('--persistent-workers', action='store_true', help='persistent_workers=True')
+    parser.add_argument('--validate', action='store_true', help='validate at every checkpoint')
     parser.add_argument('--threads', type=int, default=1, help='OMP_NUM_THREADS of the training processes')
     parser.add_argument('--full', action='store_true', help="the demo's full-width model instead of the small one")
     parser.add_argument('--without-rng-state', action='store_true',
@@ -230,10 +272,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     moments = args.moments or ['random'] * args.trials
     root = args.work_root or tempfile.mkdtemp(prefix='resume_trials_')
     os.makedirs(root, exist_ok=True)
-    print(f'work root: {root}; {len(moments)} trials, {args.iters} iterations, checkpoint every {args.interval}, '
-          f'max_keep_ckpts=1, {args.workers} loader workers, {args.threads} threads', flush=True)
-    results = run_trials(moments, root, args.iters, args.interval, args.workers, args.full, args.threads,
-                         rng_state=not args.without_rng_state)
+    setup = Setup(iters=args.iters, interval=args.interval, workers=args.workers,
+                  persistent_workers=args.persistent_workers, epochs=args.epochs, validate=args.validate,
+                  full=args.full, rng_state=not args.without_rng_state)
+    print(f'work root: {root}; {len(moments)} trials; {setup}; {args.threads} threads', flush=True)
+    results = run_trials(moments, root, setup, args.threads)
     good = sum(r['identical'] for r in results)
     print(f'{good} of {len(results)} trials bit-identical to the uninterrupted run')
     return 0 if good == len(results) else 1
