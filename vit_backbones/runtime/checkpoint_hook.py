@@ -183,6 +183,17 @@ class SafeCheckpointHook(CheckpointHook):
         super().before_train(runner)
         if self._local() and is_main_process():
             self._remove_leftovers(runner)
+        loop = runner.train_loop
+        loader = getattr(loop, 'dataloader', None)
+        if (self.save_rng_state and not hasattr(loop, 'dataloader_iterator')
+                and getattr(loader, 'persistent_workers', False) and getattr(loader, 'num_workers', 0) > 0):
+            # An epoch-based loop with persistent workers: a resumed run starts its workers afresh while
+            # the uninterrupted one keeps them, so their augmentation draws differ.
+            runner.logger.warning(
+                'train_dataloader has persistent_workers=True in an epoch-based loop: a run resumed from these '
+                'checkpoints starts its loader workers afresh, so its random augmentations differ from an '
+                'uninterrupted run. Set persistent_workers=False (workers then restart every epoch, in both) '
+                'for a bit-identical resume.')
         self._arm_restore(runner)
 
     def _remove_leftovers(self, runner) -> None:
@@ -268,12 +279,6 @@ class SafeCheckpointHook(CheckpointHook):
                 f'resuming at iteration {it}, inside epoch {epoch + 1}: mmengine restarts that epoch from its '
                 'first batch, so this run is not identical to an uninterrupted one (resume from an epoch-end '
                 'checkpoint, or checkpoint by epoch, for an exact continuation)')
-        loader = getattr(loop, 'dataloader', None)
-        if getattr(loader, 'persistent_workers', False) and getattr(loader, 'num_workers', 0) > 0:
-            runner.logger.warning(
-                'the train data loader has persistent_workers=True: its worker processes start afresh on '
-                'resume, so their random augmentations differ from an uninterrupted run (set '
-                'persistent_workers=False, or num_workers=0, for an exact continuation of an epoch-based loop)')
         self._epoch_restore = state
 
     def before_train_epoch(self, runner) -> None:
