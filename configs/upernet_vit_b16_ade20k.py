@@ -9,33 +9,32 @@
 # BEiT's Feature2Pyramid recipe (deconvolutions x4 / x2, identity, max-pool), so there is no neck.
 # Published anchors (mmseg metafile, single-scale mIoU): ViT-B16 + MLN 80k 47.71, + LN + MLN 160k 47.73.
 #
+# Built on mmseg's own bases (UperNet R-50 model, ADE20K data, default runtime, 160k schedule); this file
+# holds the backbone, the head inputs and the AdamW schedule. Not on mmseg's upernet_vit-b16_ln_mln.py:
+# a child config cannot remove its MultiLevelNeck.
+# The mmseg bases also bring their test-time-augmentation names (tta_model, tta_pipeline, img_ratios) and
+# an unused top-level SGD `optimizer`, which a child config cannot remove (tests/test_config_inheritance.py).
+#
 # Train:  python tools/train.py configs/upernet_vit_b16_ade20k.py
 # Weights: an ImageNet ViT-B/16 checkpoint (timm, HF transformers or mmseg layout) in checkpoints/.
 
+_base_ = [
+    'mmseg::_base_/models/upernet_r50.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
 custom_imports = dict(imports=['vit_backbones'], allow_failed_imports=False)
-default_scope = 'mmseg'
 
-data_root = 'data/ade/ADEChallengeData2016'
-dataset_type = 'ADE20KDataset'
 crop_size = (512, 512)
 num_classes = 150
 pretrained = 'checkpoints/vit_base_patch16_224.pth'
-norm_cfg = dict(type='SyncBN', requires_grad=True)
-
-# ------------------------------------------------------------------------------------------------ model
-data_preprocessor = dict(
-    type='SegDataPreProcessor',
-    mean=[123.675, 116.28, 103.53],
-    std=[58.395, 57.12, 57.375],
-    bgr_to_rgb=True,
-    pad_val=0,
-    seg_pad_val=255,
-    size=crop_size)
+data_preprocessor = dict(size=crop_size)
 model = dict(
-    type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
     pretrained=None,
     backbone=dict(
+        _delete_=True,
         type='ViT',
         arch='base',
         img_size=512,
@@ -47,79 +46,18 @@ model = dict(
         frozen_stages=-1,
         with_cp=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    decode_head=dict(
-        type='UPerHead',
-        in_channels=[768, 768, 768, 768],
-        in_index=[0, 1, 2, 3],
-        pool_scales=(1, 2, 3, 6),
-        channels=512,
-        dropout_ratio=0.1,
-        num_classes=num_classes,
-        norm_cfg=norm_cfg,
-        align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    decode_head=dict(in_channels=[768, 768, 768, 768], num_classes=num_classes),
     auxiliary_head=dict(
-        type='FCNHead',
         in_channels=768,
         in_index=3,  # the stride-32 level, as mmseg's ViT configs
-        channels=256,
-        num_convs=1,
-        concat_input=False,
-        dropout_ratio=0.1,
-        num_classes=num_classes,
-        norm_cfg=norm_cfg,
-        align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
-    train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+        num_classes=num_classes))
 
-# ------------------------------------------------------------------------------------------------- data
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(
-    batch_size=2,  # per GPU; the recipe uses 8 GPUs (16 images per step)
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
-        pipeline=test_pipeline))
-test_dataloader = val_dataloader
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
-test_evaluator = val_evaluator
+train_dataloader = dict(batch_size=2)  # per GPU; the recipe uses 8 GPUs (16 images per step)
 
-# ------------------------------------------------------------------------------------------- schedule
 max_iters = 160000
 warmup_iters = 1500
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=16000)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
+    _delete_=True,  # the base's SGD wrapper also sets clip_grad=None
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=dict(
@@ -133,22 +71,3 @@ param_scheduler = [
     dict(type='PolyLR', eta_min=0.0, power=1.0, begin=warmup_iters, end=max_iters, by_epoch=False),
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=16)
-
-# -------------------------------------------------------------------------------------------- runtime
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
-env_cfg = dict(
-    cudnn_benchmark=True,
-    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-    dist_cfg=dict(backend='nccl'))
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(by_epoch=False)
-log_level = 'INFO'
-load_from = None
-resume = False

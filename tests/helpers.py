@@ -352,3 +352,29 @@ def load_ckpt(path: str) -> dict:
     from vit_backbones.runtime import allow_mmengine_checkpoints
     allow_mmengine_checkpoints()
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolved configs as plain data
+# --------------------------------------------------------------------------------------------------
+
+
+def canonical_config(value):
+    """A resolved config (``Config.to_dict()``) as JSON-ready data that keeps tuples apart from lists.
+
+    Dicts get string keys, a tuple becomes ``{'__tuple__': [...]}``, lists stay lists, and ``None``,
+    bools, ints, floats and strings are kept as they are; ``json.dump(..., indent=1, sort_keys=True)``
+    of the result is the form of tests/data/resolved_configs/.
+
+    Raises:
+        TypeError: For any other value (a config that holds an object, a function or a class).
+    """
+    if isinstance(value, dict):
+        return {str(k): canonical_config(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return {'__tuple__': [canonical_config(v) for v in value]}
+    if isinstance(value, list):
+        return [canonical_config(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f'a config value of type {type(value).__name__} has no canonical form: {value!r}')
