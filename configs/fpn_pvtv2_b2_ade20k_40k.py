@@ -50,3 +50,7 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=0.0002, weight_decay=0.0001))
 param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)]
 auto_scale_lr = dict(enable=False, base_batch_size=32)
+
+# Crash-safe checkpoints that also carry the generator states, so a killed run resumes bit-identically
+# (vit_backbones.runtime.SafeCheckpointHook: mmengine's CheckpointHook arguments, atomic writes).
+default_hooks = dict(checkpoint=dict(type='SafeCheckpointHook'))

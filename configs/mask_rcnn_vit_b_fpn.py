@@ -60,3 +60,10 @@ optim_wrapper = dict(
             'relative_position_bias_table': dict(decay_mult=0.0),
             'norm': dict(decay_mult=0.0),
         }))
+
+# Crash-safe checkpoints that also carry the generator states, so a killed run resumes bit-identically
+# (vit_backbones.runtime.SafeCheckpointHook: mmengine's CheckpointHook arguments, atomic writes).
+default_hooks = dict(checkpoint=dict(type='SafeCheckpointHook'))
+# persistent_workers=False: a resumed run starts its loader workers afresh, so only workers that restart
+# every epoch in the uninterrupted run too give a bit-identical resume (one worker start per epoch).
+train_dataloader = dict(persistent_workers=False)

@@ -36,3 +36,10 @@ model = dict(
 # schedule_1x as it is (12 epochs, 500 warmup iterations, steps at 8 and 11), with AdamW for SGD
 max_epochs = 12  # a name the self-contained version of this file defined; kept so the resolved config is the same
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, weight_decay=0.0001))
+
+# Crash-safe checkpoints that also carry the generator states, so a killed run resumes bit-identically
+# (vit_backbones.runtime.SafeCheckpointHook: mmengine's CheckpointHook arguments, atomic writes).
+default_hooks = dict(checkpoint=dict(type='SafeCheckpointHook'))
+# persistent_workers=False: a resumed run starts its loader workers afresh, so only workers that restart
+# every epoch in the uninterrupted run too give a bit-identical resume (one worker start per epoch).
+train_dataloader = dict(persistent_workers=False)

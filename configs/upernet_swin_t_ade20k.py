@@ -58,3 +58,7 @@ param_scheduler = [
     dict(type='PolyLR', eta_min=0.0, power=1.0, begin=warmup_iters, end=max_iters, by_epoch=False),
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# Crash-safe checkpoints that also carry the generator states, so a killed run resumes bit-identically
+# (vit_backbones.runtime.SafeCheckpointHook: mmengine's CheckpointHook arguments, atomic writes).
+default_hooks = dict(checkpoint=dict(type='SafeCheckpointHook'))

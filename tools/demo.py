@@ -188,9 +188,9 @@ def build_config(args, data_root, work_dir, iters):
                 sched[key] = max(1, round(sched[key] * iters / base_iters)) if sched[key] else 0
     cfg.default_hooks.logger.interval = max(1, min(cfg.default_hooks.logger.interval, iters // 10 or 1))
     if args.quick or args.no_checkpoint:
-        cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=-1, save_last=False)
+        cfg.default_hooks.checkpoint = dict(type='SafeCheckpointHook', by_epoch=False, interval=-1, save_last=False)
     else:
-        cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=iters,
+        cfg.default_hooks.checkpoint = dict(type='SafeCheckpointHook', by_epoch=False, interval=iters,
                                             max_keep_ckpts=1, save_optimizer=False, save_param_scheduler=False)
     return cfg
 

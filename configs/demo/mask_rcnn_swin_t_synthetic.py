@@ -84,7 +84,7 @@ optim_wrapper = dict(optimizer=dict(lr=lr, fused=True), clip_grad=dict(max_norm=
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1),
+    checkpoint=dict(type='SafeCheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1),
     visualization=dict(type='DetVisualizationHook', draw=False))
 log_processor = dict(type='LogProcessor', window_size=20, by_epoch=False)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
