@@ -73,7 +73,7 @@ phase_end "phase mmcv"
 #    mmdet / mmseg import without declaring it (ftfy, regex) and a setuptools that still has
 #    pkg_resources (mmengine resolves mmdet:: / mmseg:: config bases through it).
 phase_start
-say "installing vit_backbones[det,seg,test]"
-pip_install -e ".[det,seg,test]"
+say "installing vit_backbones[det,seg,test,export]"
+pip_install -e ".[det,seg,test,export]"
 "$PY" -c "import mmcv.ops, mmdet, mmdet.models, mmseg, mmseg.models, vit_backbones; print('[install] ready: vit_backbones', vit_backbones.__version__, '| backbones:', ', '.join(vit_backbones.list_backbones()))"
 phase_end "phase rest (mmdet, mmseg, test deps, vit_backbones)"
