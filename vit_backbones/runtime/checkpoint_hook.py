@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from mmengine.dist import is_main_process
+from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
@@ -174,6 +174,7 @@ class SafeCheckpointHook(CheckpointHook):
         self._resumed: Optional[Tuple[int, int, Dict[str, Any]]] = None  # (epoch, iter, rng state)
         self._epoch_restore: Optional[Dict[str, Any]] = None
         self._val_state: Optional[Dict[str, Any]] = None
+        self._rank_states: Optional[List[Dict[str, Any]]] = None
 
     # ------------------------------------------------------------------------------------- saving
     def _local(self) -> bool:
@@ -212,10 +213,21 @@ class SafeCheckpointHook(CheckpointHook):
                     os.remove(osp.join(self.out_dir, name))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        # Runs on the main process only (Runner.save_checkpoint is master_only); the other ranks' states
+        # were gathered in _save_checkpoint_with_step, which every rank runs.
         if self.save_rng_state:
-            checkpoint[RNG_STATE_KEY] = capture_rng_state()
+            states, self._rank_states = self._rank_states or [capture_rng_state()], None
+            checkpoint[RNG_STATE_KEY] = states[0]
+            checkpoint[RNG_STATE_KEY + '_per_rank'] = states
+
+    def _gather_rank_states(self) -> None:
+        self._rank_states = None
+        if self.save_rng_state:
+            state = capture_rng_state()
+            self._rank_states = all_gather_object(state) if get_world_size() > 1 else [state]
 
     def _save_checkpoint_with_step(self, runner, step, meta):
+        self._gather_rank_states()
         if not self._local():
             return super()._save_checkpoint_with_step(runner, step, meta)
         outdated: List[int] = []
@@ -254,6 +266,15 @@ class SafeCheckpointHook(CheckpointHook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         # Called for resume and for load_from alike; before_train tells them apart by the iteration.
         state = checkpoint.get(RNG_STATE_KEY)
+        per_rank = checkpoint.get(RNG_STATE_KEY + '_per_rank')
+        if isinstance(per_rank, list) and len(per_rank) > 1:
+            if len(per_rank) == get_world_size():
+                state = per_rank[get_rank()]
+            else:
+                runner.logger.warning(
+                    f'the checkpoint holds the generator states of {len(per_rank)} processes, this run has '
+                    f'{get_world_size()}: every process starts from rank 0\'s, so random draws differ from an '
+                    'uninterrupted run')
         meta = checkpoint.get('meta') or {}
         self._resumed = None
         if isinstance(state, dict) and 'iter' in meta:
