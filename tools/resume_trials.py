@@ -242,7 +242,9 @@ def run_trials(moments: Sequence[str], root: str, setup: Optional[Setup] = None,
         results.append(res)
         if verbose:
             start = res['resumed_from'] or (['scratch'] if res['from_scratch'] else [])
-            print(f'trial {i + 1}/{len(moments)}: {what}; resumed from {", ".join(start) or "?"}; '
+            how = (f'resumed from {", ".join(start)}' if resumes else 'no resume needed: the final checkpoint was '
+                   'already complete')
+            print(f'trial {i + 1}/{len(moments)}: {what}; {how}; '
                   + ('bit-identical' if not diff else f'{len(diff)} tensors differ (e.g. {diff[:3]})'), flush=True)
         shutil.rmtree(work, ignore_errors=True)
     return results
