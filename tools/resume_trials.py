@@ -12,7 +12,10 @@ Kill moments:
   temporary file exists;
 * ``saved:K``: as soon as the checkpoint of iteration K exists under its name (it may still be the
   moment between publishing it, pointing ``last_checkpoint`` at it and removing the older one);
-* ``random``: a uniformly random time within the uninterrupted run's wall time.
+* ``iter:K+D``: D seconds after the log line of iteration K (anywhere inside the next iteration, its
+  checkpoint write included);
+* ``random``: ``iter:K+D`` with K uniform over the iterations and D uniform over one iteration's wall
+  time (measured in the uninterrupted run), so every part of a run is hit.
 
 Examples::
 
@@ -144,11 +147,20 @@ def _env(threads: int) -> Dict[str, str]:
     return env
 
 
-def run_to_end(cmd: List[str], env: Dict[str, str], log_path: str) -> None:
+def run_to_end(cmd: List[str], env: Dict[str, str], log_path: str) -> Dict[int, float]:
+    """Run to the end; returns when (seconds from the start) each iteration's log line appeared."""
+    seen: Dict[int, float] = {}
+    start = time.time()
     with open(log_path, 'a') as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            n = _iters_logged(log_path)
+            if n and n not in seen:
+                seen[n] = time.time() - start
+            time.sleep(0.02)
     if proc.returncode != 0:
         raise RuntimeError(f'training failed ({proc.returncode}); log: {log_path}\n' + open(log_path).read()[-4000:])
+    return seen
 
 
 def run_and_kill(cmd: List[str], env: Dict[str, str], log_path: str, work_dir: str, moment: str,
@@ -158,11 +170,16 @@ def run_and_kill(cmd: List[str], env: Dict[str, str], log_path: str, work_dir: s
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     start = time.time()
     kind, _, arg = moment.partition(':')
-    deadline = start + (float(arg) if kind == 'random' else max_wall)
+    deadline = start + max_wall
+    delay = 0.0
+    if kind == 'iter' and '+' in arg:
+        arg, delay_text = arg.split('+')
+        delay = float(delay_text)
     tmp_pattern = osp.join(glob.escape(work_dir), '.tmp-*' + (f'-{setup.checkpoint_name(arg)}' if arg else ''))
     try:
         while proc.poll() is None:
             if kind == 'iter' and _iters_logged(log_path) >= int(arg):
+                time.sleep(delay)
                 break
             if kind == 'save' and glob.glob(tmp_pattern):
                 break
@@ -212,16 +229,18 @@ def run_trials(moments: Sequence[str], root: str, setup: Optional[Setup] = None,
     config = write_config(root, data_root, setup)
     ref_dir = osp.join(root, 'reference')
     t0 = time.time()
-    run_to_end(train_command(config, ref_dir, False), env, osp.join(root, 'reference.log'))
+    iter_times = run_to_end(train_command(config, ref_dir, False), env, osp.join(root, 'reference.log'))
     ref_wall = time.time() - t0
+    steps = sorted(iter_times)
+    iter_wall = max((iter_times[steps[-1]] - iter_times[steps[0]]) / max(len(steps) - 1, 1), 0.05)
     reference = osp.join(ref_dir, setup.final_checkpoint)
     if verbose:
-        print(f'uninterrupted run: {_iters_logged(osp.join(root, "reference.log"))} iterations in {ref_wall:.1f} s',
-              flush=True)
+        print(f'uninterrupted run: {_iters_logged(osp.join(root, "reference.log"))} iterations in {ref_wall:.1f} s '
+              f'({iter_wall:.2f} s per iteration)', flush=True)
     results = []
     for i, moment in enumerate(moments):
         if moment == 'random':
-            moment = f'random:{random.uniform(0.3, 1.0) * ref_wall:.2f}'
+            moment = f'iter:{random.randint(1, steps[-1])}+{random.uniform(0, iter_wall):.2f}'
         work = osp.join(root, f'trial{i}')
         log_path = osp.join(root, f'trial{i}.log')
         what = run_and_kill(train_command(config, work, False), env, log_path, work, moment, setup,
@@ -254,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--trials', type=int, default=10, help='number of random kill moments (without --moments)')
     parser.add_argument('--moments', nargs='+',
-                        help='kill moments: iter:K, save, save:K, saved:K, random (overrides --trials); K is '
+                        help='kill moments: iter:K, iter:K+D, save, save:K, saved:K, random (overrides --trials); K is '
                         'the iteration, or the epoch with --epochs')
     parser.add_argument('--iters', type=int, default=6, help='iterations per run (iteration-based loop)')
     parser.add_argument('--interval', type=int, default=2, help='checkpoint interval (iterations)')
