@@ -378,3 +378,24 @@ def canonical_config(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f'a config value of type {type(value).__name__} has no canonical form: {value!r}')
+
+
+# --------------------------------------------------------------------------------------------------
+# Model weights for tests
+# --------------------------------------------------------------------------------------------------
+
+
+def randomize(module, seed: int = 0, scale: float = 0.1):
+    """Random values in every parameter (norm weights, biases, tokens, tables: ``scale`` * N(0, 1)) and
+    BatchNorm statistic (means N(0, 0.01), variances in [0.5, 1.5)), so that no checkpoint mapping can hide
+    behind a default initialisation. Returns ``module``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+        for name, b in module.named_buffers():
+            if name.endswith('running_mean'):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith('running_var'):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return module

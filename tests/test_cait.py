@@ -8,19 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import vit_backbones
+from helpers import randomize
 from vit_backbones.checkpoint import CheckpointMismatchError
 from vit_backbones.layers import Attention, TalkingHeadAttention, ViTBlock
 
 TINY = dict(base='xxs24', embed_dims=32, depth=4, num_heads=4)
-
-
-def _randomize(module, seed=0):
-    """Random values everywhere (norm weights, biases, LayerScale too), so no mapping hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
 
 
 def _tc():
@@ -69,7 +61,7 @@ def test_constant_drop_path_and_arch_names():
 
 # ----------------------------------------------------------------------------- talking heads vs definitions
 def test_talking_heads_with_identity_mixing_is_ordinary_attention():
-    th = _randomize(TalkingHeadAttention(32, 4), seed=1).eval()
+    th = randomize(TalkingHeadAttention(32, 4), seed=1).eval()
     ref = Attention(32, 4).eval()
     with torch.no_grad():
         for lin in (th.proj_l, th.proj_w):
@@ -83,7 +75,7 @@ def test_talking_heads_with_identity_mixing_is_ordinary_attention():
         assert float((th(x, bias) - ref(x, bias)).abs().max()) < 1e-5
         # and a whole CaiT block equals a LayerScale ViT block on the same weights
         cait = _tiny(drop_path_rate=0.)
-        _randomize(cait, seed=2)
+        randomize(cait, seed=2)
         blk = cait.blocks[1].eval()
         blk.attn.load_state_dict(th.state_dict())
         vit_blk = ViTBlock(32, 4, layer_scale=1.).eval()
@@ -122,7 +114,7 @@ def _naive_official_cait(sd, x, heads, depth):
 
 
 def test_talking_heads_matches_naive_einsum():
-    th = _randomize(TalkingHeadAttention(48, 6), seed=3).eval()
+    th = randomize(TalkingHeadAttention(48, 6), seed=3).eval()
     x = torch.randn(2, 19, 48)
     with torch.no_grad():
         ref = _naive_talking_heads(x, th.state_dict(), 6)
@@ -156,7 +148,7 @@ def _official_state_dict(ours, depth_token_only=2, seed=5):
 
 
 def test_official_layout_loads_every_tensor_and_matches_the_naive_model():
-    src = _randomize(vit_backbones.build_backbone('CaiT', TINY, img_size=64), seed=4).eval()
+    src = randomize(vit_backbones.build_backbone('CaiT', TINY, img_size=64), seed=4).eval()
     official = _official_state_dict(src.state_dict())
     assert {'blocks.0.gamma_1', 'blocks.3.attn.proj_l.weight', 'blocks_token_only.1.attn.q.weight'} <= set(official)
     ckpt = {'model': {'module.' + k: v for k, v in official.items()}}  # how the official files are saved
@@ -181,7 +173,7 @@ def test_official_layout_loads_every_tensor_and_matches_the_naive_model():
 
 
 def test_384_checkpoint_position_embedding_is_resampled():
-    src = _randomize(vit_backbones.build_backbone('CaiT', TINY, img_size=384), seed=6)
+    src = randomize(vit_backbones.build_backbone('CaiT', TINY, img_size=384), seed=6)
     official = _official_state_dict(src.state_dict())
     m = _tiny()
     report = m.load_checkpoint(official)
@@ -208,20 +200,10 @@ def test_other_checkpoints_are_refused():
         s24.load_checkpoint(xxs24_sd)
 
 
-def test_our_layout_roundtrip_through_a_file(tmp_path):
-    src = _randomize(_tiny(), seed=7)
-    path = tmp_path / 'cait.pth'
-    torch.save({'state_dict': {'backbone.' + k: v for k, v in src.state_dict().items()}}, path)
-    m = _tiny(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    m.init_weights()
-    assert m.load_report.source_format == 'vit_backbones'
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values()))
-
-
 # ----------------------------------------------------------------------------- shapes and training
 @pytest.mark.parametrize('hw', [(224, 224), (511, 511), (112, 137), (32, 32)])
-@pytest.mark.parametrize('kw', [dict(), dict(pyramid='simple', window_size=4, global_attn_indexes=(1, 3), rel_pos=True)],
-                         ids=['deconv', 'windows'])
+@pytest.mark.parametrize('kw', [dict(pyramid='simple', window_size=4, global_attn_indexes=(1, 3), rel_pos=True)],
+                         ids=['windows'])
 def test_output_shapes_any_size(hw, kw):
     m = _tiny(**kw).eval()
     with torch.no_grad():
@@ -234,27 +216,13 @@ def test_output_shapes_any_size(hw, kw):
         m(torch.randn(1, 3, 31, 64))
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(pyramid='simple', window_size=4, global_attn_indexes=(1, ), rel_pos=True)],
-                         ids=['deconv', 'windows'])
+@pytest.mark.parametrize('kw', [dict(pyramid='simple', window_size=4, global_attn_indexes=(1, ), rel_pos=True)],
+                         ids=['windows'])
 def test_every_parameter_gets_a_gradient(kw):
     m = _tiny(drop_path_rate=0., **kw).train()  # no branch dropped
     sum(o.mean() for o in m(torch.randn(2, 3, 64, 80))).backward()
     assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
     assert any('proj_l' in n for n, _ in m.named_parameters())
-
-
-def test_with_cp_same_outputs_and_gradients():
-    a = _randomize(_tiny(drop_path_rate=0.), seed=8).train()
-    b = _tiny(drop_path_rate=0., with_cp=True).train()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 64, 90)
-    res = []
-    for m in (a, b):
-        y = m(x)
-        sum((o * (i + 1)).mean() for i, o in enumerate(y)).backward()
-        res.append((y, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    assert max(float((p - q).abs().max()) for p, q in zip(res[0][0], res[1][0])) < 1e-6
-    assert max(float((res[0][1][n] - res[1][1][n]).abs().max()) for n in res[0][1]) < 1e-6
 
 
 def test_frozen_stages_and_norm_eval():

@@ -9,24 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import vit_backbones
+from helpers import randomize
 from vit_backbones.checkpoint import CheckpointMismatchError
 
 # tiny custom variant: three stages, class token in the last, a few ten thousand parameters
 TINY = dict(embed_dims=(16, 32, 48), depths=(1, 2, 3), num_heads=(1, 2, 3), mlp_ratio=4.)
-
-
-def _randomize(module, seed=0, scale=0.1):
-    """Random values in every parameter and BatchNorm statistic, so that no mapping hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-        for n, b in module.named_buffers():
-            if n.endswith('running_mean'):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif n.endswith('running_var'):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return module
 
 
 def _max_diff(a, b):
@@ -54,7 +41,7 @@ def _hf_config(dims=(16, 32, 48), depths=(1, 2, 3), heads=(1, 2, 3)):
 @functools.lru_cache(maxsize=None)
 def _hf_tiny():
     from transformers import CvtModel
-    return _randomize(CvtModel(_hf_config())).eval()
+    return randomize(CvtModel(_hf_config())).eval()
 
 
 def _ceil_pad(x):
@@ -102,25 +89,8 @@ def test_arch_names_and_errors():
 
 
 # ----------------------------------------------------------------------------- shapes
-@functools.lru_cache(maxsize=None)
-def _cvt13():
-    return vit_backbones.build_backbone('CvT', '13').eval()
-
-
-@pytest.mark.parametrize('hw', [(224, 224), (511, 511), (112, 137), (32, 32)])
-def test_output_shapes_any_size(hw):
-    m = _cvt13()
-    with torch.no_grad():
-        outs = m(torch.randn(1, 3, *hw))
-    chans = [64, 192, 384, 384]
-    assert [tuple(o.shape) for o in outs] == [(1, chans[i], -(-hw[0] // s), -(-hw[1] // s))
-                                              for i, s in enumerate((4, 8, 16, 32))]
-    assert all(torch.isfinite(o).all() for o in outs)
-    assert m.out_strides == [4, 8, 16, 32] and m.out_channels == chans
-
-
 def test_out_indices_subset_and_derived_level():
-    m = _randomize(_cvt(out_indices=(3, 1), out_norm=False)).eval()
+    m = randomize(_cvt(out_indices=(3, 1), out_norm=False)).eval()
     assert m.out_channels == [48, 32] and m.out_strides == [32, 8]
     full = _cvt(out_norm=False).eval()
     full.load_state_dict(m.state_dict())
@@ -195,7 +165,7 @@ def test_parity_hf_cvt13_shaped():
         for n, p in hf.named_parameters():
             if 'normalization' in n or 'layernorm' in n:
                 p.add_(torch.randn_like(p) * 0.1)
-        _randomize(torch.nn.ModuleList([m for m in hf.modules() if isinstance(m, torch.nn.BatchNorm2d)]), 1, 0.1)
+        randomize(torch.nn.ModuleList([m for m in hf.modules() if isinstance(m, torch.nn.BatchNorm2d)]), 1, 0.1)
         for m in hf.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.add_(1.)
@@ -212,7 +182,7 @@ def test_hf_classification_checkpoint():
     from transformers import CvtForImageClassification
     cfg = _hf_config()
     cfg.num_labels = 10
-    hf = _randomize(CvtForImageClassification(cfg)).eval()
+    hf = randomize(CvtForImageClassification(cfg)).eval()
     ours = _cvt(act='gelu', out_norm=False).eval()
     report = ours.load_checkpoint(hf.state_dict())
     assert report.source_format == 'hf' and not report.missing
@@ -236,7 +206,7 @@ def _official_from_ours(sd, c=48):
 
 
 def test_official_layout_loads_and_matches():
-    src = _randomize(_cvt(out_norm=False)).eval()
+    src = randomize(_cvt(out_norm=False)).eval()
     official = _official_from_ours(src.state_dict())
     assert 'stage2.cls_token' in official and 'stage0.blocks.0.attn.conv_proj_q.bn.running_var' in official
     assert 'stage1.patch_embed.proj.weight' in official and 'stage2.blocks.2.attn.proj_v.bias' in official
@@ -262,7 +232,7 @@ def test_official_layout_loads_and_matches():
 
 
 def test_own_and_detector_layouts_roundtrip():
-    src = _randomize(_cvt()).eval()
+    src = randomize(_cvt()).eval()
     for prefix in ('', 'backbone.'):
         dst = _cvt().eval()
         report = dst.load_checkpoint({prefix + k: v for k, v in src.state_dict().items()})
@@ -284,27 +254,6 @@ def test_refuses_other_checkpoints():
 
 
 # ----------------------------------------------------------------------------- training behaviour
-def test_backward_reaches_every_parameter():
-    m = _randomize(_cvt()).train()
-    outs = m(torch.randn(2, 3, 67, 45))
-    sum(o.square().mean() for o in outs).backward()
-    lacking = [k for k, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert lacking == []
-
-
-def test_with_cp_same_outputs_and_gradients():
-    a = _randomize(_cvt(norm_eval=True)).train()
-    b = _cvt(with_cp=True, norm_eval=True).train()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 64, 80)
-    oa, ob = a(x), b(x)
-    assert _max_diff(oa, ob) == 0
-    sum(o.sum() for o in oa).backward()
-    sum(o.sum() for o in ob).backward()
-    ga, gb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert max(float((ga[k].grad - gb[k].grad).abs().max()) for k in ga) < 1e-6
-
-
 def test_frozen_stages():
     m = _cvt(frozen_stages=2).train()
     frozen = [k for k, p in m.named_parameters() if not p.requires_grad]
@@ -317,19 +266,6 @@ def test_frozen_stages():
     assert not any(p.requires_grad for p in m.parameters())
     with pytest.raises(ValueError, match='frozen_stages'):
         _cvt(frozen_stages=4)
-
-
-@pytest.mark.parametrize('norm_eval', [True, False])
-def test_norm_eval_keeps_batchnorm_statistics(norm_eval):
-    m = _randomize(_cvt(norm_eval=norm_eval)).train()
-    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
-    assert len(bns) == 3 * sum(TINY['depths'])
-    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
-    m(torch.randn(2, 3, 48, 48))
-    same = all(torch.equal(bn.running_mean, mu) and torch.equal(bn.running_var, var)
-               for bn, (mu, var) in zip(bns, before))
-    assert same == norm_eval
-    assert all(bn.training != norm_eval for bn in bns)
 
 
 def test_drop_path_schedule_is_per_stage():
@@ -430,18 +366,3 @@ def test_upernet_cvt_trains_and_predicts(tmp_path):
     seg = sample.pred_sem_seg.data
     assert tuple(seg.shape) == (1, 96, 96) and int(seg.min()) >= 0 and int(seg.max()) < 4
 
-
-def test_with_cp_updates_batchnorm_statistics_once():
-    """The conv projections' BatchNorms: activation checkpointing recomputes each block in the backward pass
-    without updating the running statistics again (BaseBackbone.run_block), so they equal a run without it."""
-    torch.manual_seed(0)
-    a = _cvt().train()
-    b = _cvt(with_cp=True).train()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 64, 72)
-    for m in (a, b):
-        sum(o.mean() for o in m(x)).backward()
-    bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())
-    tracked = [k for k in bufs_a if k.endswith('num_batches_tracked')]
-    assert tracked and all(int(bufs_b[k]) == 1 for k in tracked)
-    assert max(float((bufs_a[k].float() - bufs_b[k].float()).abs().max()) for k in bufs_a) < 1e-6

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vit_backbones
+from helpers import randomize
 from vit_backbones.checkpoint import CheckpointMismatchError
 
 # tiny custom variants: every code path, a few thousand parameters
@@ -15,15 +16,6 @@ V2 = dict(embed_dims=(16, 32, 64, 128), depths=(1, 2, 1, 1), num_heads=(1, 2, 4,
 V2_LI = dict(V2, linear=True)
 V1 = dict(embed_dims=(16, 32, 64, 128), depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratios=(2, 2, 2, 2),
           sr_ratios=(8, 4, 2, 1))
-
-
-def _randomize(module, seed=0):
-    """Random values everywhere (LN weights, biases, position embeddings), so no mapping hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
 
 
 def _max_diff(a, b):
@@ -67,7 +59,7 @@ def _eval_model(name, arch):
     return vit_backbones.build_backbone(name, arch).eval()
 
 
-@pytest.mark.parametrize('name,arch', [('PVTv2', 'b0'), ('PVTv2', 'b0_li'), ('PVT', 'tiny')])
+@pytest.mark.parametrize('name,arch', [('PVTv2', 'b0_li')])  # linear SRA (the contract suite covers the rest)
 @pytest.mark.parametrize('hw', [(224, 224), (511, 511), (112, 137), (32, 32)])
 def test_output_shapes_any_size(name, arch, hw):
     m = _eval_model(name, arch)
@@ -79,17 +71,6 @@ def test_output_shapes_any_size(name, arch, hw):
         assert o.shape == (1, m.embed_dims[i], -(-hw[0] // s), -(-hw[1] // s))
         assert torch.isfinite(o).all()
     assert m.out_strides == [4, 8, 16, 32] and m.out_channels == list(m.embed_dims)
-
-
-def test_out_indices_subset_and_negative():
-    m = _v2(out_indices=(1, -1)).eval()
-    outs = m(torch.randn(1, 3, 64, 64))
-    assert [o.shape[1] for o in outs] == [32, 128] and m.out_channels == [32, 128]
-    m = _v1(out_indices=(0, ), out_norm=True).eval()
-    assert [o.shape[1] for o in m(torch.randn(1, 3, 64, 64))] == [16]
-    assert hasattr(m, 'norm0') and not hasattr(m, 'norm3')
-    with pytest.raises(ValueError, match='out of range'):
-        _v2(out_indices=(4, ))
 
 
 def test_arch_names_and_aliases():
@@ -110,7 +91,7 @@ def _hf_v2(linear=False, **kw):
     from transformers import PvtV2Config, PvtV2Model
     cfg = PvtV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 2, 1, 1], num_attention_heads=[1, 2, 4, 8],
                       mlp_ratios=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1], linear_attention=linear, **kw)
-    return _randomize(PvtV2Model(cfg)).eval()
+    return randomize(PvtV2Model(cfg)).eval()
 
 
 @pytest.mark.parametrize('linear', [False, True], ids=['sra', 'linear_sra'])
@@ -140,7 +121,7 @@ def test_parity_hf_pvt_v2_backbone_odd_size():
     from transformers import PvtV2Backbone, PvtV2Config
     cfg = PvtV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 2, 1, 1], num_attention_heads=[1, 2, 4, 8],
                       mlp_ratios=[2, 2, 2, 2], out_features=['stage2', 'stage4'])
-    hf = _randomize(PvtV2Backbone(cfg)).eval()
+    hf = randomize(PvtV2Backbone(cfg)).eval()
     ours = _v2(layer_norm_eps=1e-6, out_indices=(1, 3)).eval()
     assert ours.load_checkpoint(hf.state_dict()).source_format == 'hf'
     x = torch.randn(1, 3, 75, 141)
@@ -164,7 +145,7 @@ def _hf_v1(image_size=224):
     from transformers import PvtConfig, PvtModel
     cfg = PvtConfig(image_size=image_size, hidden_sizes=[16, 32, 64, 128], depths=[1, 2, 1, 1],
                     num_attention_heads=[1, 2, 4, 8], mlp_ratios=[2, 2, 2, 2], sequence_reduction_ratios=[8, 4, 2, 1])
-    return _randomize(PvtModel(cfg)).eval()
+    return randomize(PvtModel(cfg)).eval()
 
 
 @pytest.mark.parametrize('size', [224, 160])
@@ -205,7 +186,7 @@ def _mmdet(v2=True, **kw):
     cls = PyramidVisionTransformerV2 if v2 else PyramidVisionTransformer
     m = cls(embed_dims=16, num_layers=[1, 2, 1, 1], num_heads=[1, 2, 4, 8], mlp_ratios=[2, 2, 2, 2],
             drop_path_rate=0., **kw)
-    _randomize(m)
+    randomize(m)
     m.eval()
     return m
 
@@ -263,7 +244,7 @@ def test_official_layout_matches_mmdet_converter(v2):
     slot and the final norm), converted by mmdet's own pvt_convert, gives the same outputs in mmdet's model
     as our loader gives in ours: two independent conversions."""
     from mmdet.models.backbones.pvt import pvt_convert
-    src = _randomize(_v2() if v2 else _v1(use_cls_token=True), seed=3)
+    src = randomize(_v2() if v2 else _v1(use_cls_token=True), seed=3)
     official = _official_names(src)
     official['head.weight'], official['head.bias'] = torch.zeros(10, 128), torch.zeros(10)
     if not v2:
@@ -283,7 +264,7 @@ def test_official_layout_matches_mmdet_converter(v2):
 
 
 def test_timm_layout_loads():
-    src = _randomize(_v2(V2_LI), seed=4).eval()
+    src = randomize(_v2(V2_LI), seed=4).eval()
     timm_sd = {}
     for k, v in _official_names(src).items():  # official -> timm names, as timm's checkpoint filter does
         k = k.replace('patch_embed1.', 'patch_embed.')
@@ -302,7 +283,7 @@ def test_timm_layout_loads():
 
 def test_v1_position_embeddings_resampled_on_load_and_every_forward():
     import torch.nn.functional as F
-    src = _randomize(_v1(pretrain_img_size=384), seed=5)
+    src = randomize(_v1(pretrain_img_size=384), seed=5)
     dst = _v1()
     report = dst.load_checkpoint(src.state_dict())
     assert report.resized['stages.0.pos_embed'] == ((1, 96 * 96, 16), (1, 56 * 56, 16))
@@ -327,24 +308,7 @@ def test_v1_position_embeddings_resampled_on_load_and_every_forward():
 
 
 # ----------------------------------------------------------------------------- training behaviour
-@pytest.mark.parametrize('name,arch', [('PVTv2', V2_LI), ('PVT', V1)])
-def test_with_cp_same_outputs_and_gradients(name, arch):
-    torch.manual_seed(0)
-    a = vit_backbones.build_backbone(name, arch, drop_path_rate=0.).train()
-    b = vit_backbones.build_backbone(name, arch, drop_path_rate=0., with_cp=True).train()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 70, 90)
-    res = []
-    for m in (a, b):
-        y = m(x)
-        sum((o * (i + 1)).mean() for i, o in enumerate(y)).backward()
-        res.append((y, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    assert _max_diff(res[0][0], res[1][0]) < 1e-6
-    assert max(float((res[0][1][n] - res[1][1][n]).abs().max()) for n in res[0][1]) < 1e-6
-
-
-@pytest.mark.parametrize('name,arch,kw', [('PVTv2', V2, {}), ('PVTv2', V2_LI, {}),
-                                          ('PVT', V1, dict(use_cls_token=True, out_norm=True))])
+@pytest.mark.parametrize('name,arch,kw', [('PVTv2', V2_LI, {}), ('PVT', V1, dict(use_cls_token=True, out_norm=True))])
 def test_every_parameter_gets_a_gradient(name, arch, kw):
     m = vit_backbones.build_backbone(name, arch, drop_path_rate=0., **kw).train()  # no branch dropped
     sum(o.pow(2).mean() for o in m(torch.randn(2, 3, 64, 80))).backward()  # (a LayerNorm'd map's mean is constant)
@@ -377,14 +341,7 @@ def test_drop_path_schedule_linear_over_blocks():
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize('name,arch', [('PVTv2', V2), ('PVT', V1)])
-def test_bad_inputs_have_clear_errors(name, arch):
-    m = vit_backbones.build_backbone(name, arch)
-    with pytest.raises(ValueError, match='3 input channels'):
-        m(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ValueError, match='at least 32x32'):
-        m(torch.randn(1, 3, 31, 64))
-    with pytest.raises(TypeError, match='floating-point'):
-        m(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+def test_bad_arch_has_clear_errors(name, arch):
     with pytest.raises(ValueError, match="unknown arch 'b9'"):
         vit_backbones.build_backbone(name, 'b9')
     with pytest.raises(ValueError, match='lacks'):
@@ -410,13 +367,3 @@ def test_checkpoint_of_another_model_or_variant_is_refused():
     with pytest.raises(CheckpointMismatchError, match='another variant'):
         b2.load_checkpoint(b1_sd)
 
-
-@pytest.mark.parametrize('name,arch', [('PVTv2', V2), ('PVT', V1)])
-def test_checkpoint_file_roundtrip_and_init_cfg(tmp_path, name, arch):
-    src = _randomize(vit_backbones.build_backbone(name, arch), seed=7)
-    path = tmp_path / 'pvt.pth'
-    torch.save({'state_dict': src.state_dict()}, path)
-    m = vit_backbones.build_backbone(name, arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    m.init_weights()
-    assert m.load_report.source_format == 'vit_backbones'
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values()))

@@ -43,28 +43,6 @@ def test_param_count_matches_paper_with_head(arch, paper_m):
 
 
 # ----------------------------------------------------------------------------- shapes
-@pytest.mark.parametrize('hw', [(224, 224), (511, 511), (112, 137), (40, 57), (32, 32)])
-def test_output_shapes_any_size(hw):
-    m = vit_backbones.build_backbone('Swin', 'tiny').eval()
-    with torch.no_grad():
-        outs = m(torch.randn(1, 3, *hw))
-    assert len(outs) == 4
-    for i, o in enumerate(outs):
-        s = 4 * 2**i
-        assert o.shape == (1, 96 * 2**i, -(-hw[0] // s), -(-hw[1] // s))
-        assert torch.isfinite(o).all()
-    assert m.out_channels == [96, 192, 384, 768] and m.out_strides == [4, 8, 16, 32]
-
-
-def test_out_indices_subset_and_negative():
-    m = vit_backbones.build_backbone('Swin', SMALL, out_indices=(1, -1)).eval()
-    outs = m(torch.randn(1, 3, 64, 64))
-    assert [o.shape[1] for o in outs] == [64, 256]
-    assert not hasattr(m, 'norm0') and hasattr(m, 'norm3')
-    with pytest.raises(ValueError, match='out of range'):
-        vit_backbones.build_backbone('Swin', SMALL, out_indices=(4, ))
-
-
 # ----------------------------------------------------------------------------- parity: HF transformers
 @pytest.mark.parametrize('hw', [(224, 224), (97, 203)])
 def test_parity_hf_swin_backbone(hw):
@@ -193,27 +171,6 @@ def test_window_change_resizes_bias_tables_bicubic():
 
 
 # ----------------------------------------------------------------------------- training behaviour
-def test_with_cp_same_outputs_and_gradients():
-    torch.manual_seed(0)
-    a = vit_backbones.build_backbone('Swin', SMALL, drop_path_rate=0.).train()
-    b = vit_backbones.build_backbone('Swin', SMALL, drop_path_rate=0., with_cp=True).train()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 70, 90)
-    outs = []
-    for m in (a, b):
-        y = m(x)
-        sum((o * (i + 1)).mean() for i, o in enumerate(y)).backward()
-        outs.append((y, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    assert _max_diff(outs[0][0], outs[1][0]) < 1e-6
-    assert max(float((outs[0][1][n] - outs[1][1][n]).abs().max()) for n in outs[0][1]) < 1e-6
-
-
-def test_every_parameter_gets_a_gradient():
-    m = vit_backbones.build_backbone('Swin', SMALL, drop_path_rate=0.).train()  # no branch dropped
-    sum(o.mean() for o in m(torch.randn(2, 3, 64, 80))).backward()
-    assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
-
-
 def test_frozen_stages():
     m = vit_backbones.build_backbone('Swin', SMALL, frozen_stages=2)
     m.train()
@@ -237,22 +194,6 @@ def test_drop_path_schedule_linear_over_blocks():
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_bad_inputs_have_clear_errors():
-    m = vit_backbones.build_backbone('Swin', SMALL)
-    with pytest.raises(ValueError, match='3 input channels'):
-        m(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ValueError, match='at least 32x32'):
-        m(torch.randn(1, 3, 16, 64))
-    with pytest.raises(TypeError, match='floating-point'):
-        m(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
-        m(torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match="unknown arch 'huge'"):
-        vit_backbones.build_backbone('Swin', 'huge')
-    with pytest.raises(KeyError, match='unknown backbone'):
-        vit_backbones.build_backbone('Swim', 'tiny')
-
-
 def test_checkpoint_of_another_model_or_variant_is_refused(tmp_path):
     from transformers import ViTConfig, ViTModel
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
@@ -278,13 +219,3 @@ def test_loading_never_runs_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match='never does'):
         vit_backbones.build_backbone('Swin', SMALL, checkpoint=str(path))
 
-
-def test_checkpoint_file_roundtrip_and_init_cfg(tmp_path):
-    src = _randomize(vit_backbones.build_backbone('Swin', SMALL), seed=7)
-    path = tmp_path / 'swin.pth'
-    torch.save({'state_dict': src.state_dict()}, path)
-    m = vit_backbones.build_backbone('Swin', SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    assert not torch.equal(m.norm0.weight, src.norm0.weight)
-    m.init_weights()
-    assert m.load_report.source_format == 'vit_backbones'
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values()))

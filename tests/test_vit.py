@@ -7,20 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import vit_backbones
+from helpers import randomize
 from vit_backbones.checkpoint import CheckpointMismatchError
 from vit_backbones.layers import resample_abs_pos_embed
 
 SMALL = dict(base='tiny', embed_dims=32, depth=4, num_heads=2)
 SMALL_D = dict(base='tiny-distilled', embed_dims=32, depth=4, num_heads=2)
-
-
-def _randomize(module, seed=0):
-    """Random values everywhere (LN weights, biases, tokens too), so no mapping hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
 
 
 def _max_diff(a, b):
@@ -61,9 +53,9 @@ def test_arch_aliases_and_feature_info():
 
 # ----------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize('hw', [(224, 224), (511, 511), (112, 137), (32, 47)])
-@pytest.mark.parametrize('kw', [dict(), dict(pyramid='simple', final_norm=False),
+@pytest.mark.parametrize('kw', [dict(pyramid='simple', final_norm=False),
                                 dict(pyramid='simple', window_size=4, global_attn_indexes=(1, 3), rel_pos=True)],
-                         ids=['deconv', 'simple', 'windows'])
+                         ids=['simple', 'windows'])
 def test_output_shapes_any_size(hw, kw):
     m = vit_backbones.build_backbone('ViT', SMALL, **kw).eval()
     with torch.no_grad():
@@ -116,7 +108,7 @@ def test_parity_hf_vit_model(hw):
     """Every block output (the last after the final norm) vs ViTModel's hidden states. At 288x320 both
     resample the 14x14 position grid to 18x20 (bicubic, align_corners=False, no antialias)."""
     from transformers import ViTConfig, ViTModel
-    hf = _randomize(ViTModel(ViTConfig(**_hf_kwargs()), add_pooling_layer=False)).eval()
+    hf = randomize(ViTModel(ViTConfig(**_hf_kwargs()), add_pooling_layer=False)).eval()
     ours = vit_backbones.build_backbone('ViT', SMALL, drop_path_rate=0.).eval()
     report = ours.load_checkpoint(hf.state_dict())
     assert report.source_format == 'hf' and not [k for k in report.missing if not k.startswith('pyramid.')]
@@ -132,7 +124,7 @@ def test_hf_floors_partial_patches_we_pad():
     (its conv has no padding, its grid is floor(H/16)); we zero-pad (grid ceil(H/16)). Ours on x equals
     HF on x zero-padded to a multiple of 16, exactly as computed above."""
     from transformers import ViTConfig, ViTModel
-    hf = _randomize(ViTModel(ViTConfig(**_hf_kwargs()), add_pooling_layer=False), seed=1).eval()
+    hf = randomize(ViTModel(ViTConfig(**_hf_kwargs()), add_pooling_layer=False), seed=1).eval()
     ours = vit_backbones.build_backbone('ViT', SMALL, drop_path_rate=0.).eval()
     ours.load_checkpoint(hf.state_dict())
     x = torch.randn(1, 3, 112, 137)
@@ -147,7 +139,7 @@ def test_hf_floors_partial_patches_we_pad():
 @pytest.mark.parametrize('hw', [(224, 224), (256, 192)])
 def test_parity_hf_deit_model_distilled(hw):
     from transformers import DeiTConfig, DeiTModel
-    hf = _randomize(DeiTModel(DeiTConfig(**_hf_kwargs()), add_pooling_layer=False), seed=2).eval()
+    hf = randomize(DeiTModel(DeiTConfig(**_hf_kwargs()), add_pooling_layer=False), seed=2).eval()
     ours = vit_backbones.build_backbone('DeiT', SMALL_D, drop_path_rate=0.).eval()
     report = ours.load_checkpoint(hf.state_dict())
     assert report.source_format == 'hf' and 'dist_token' in report.loaded
@@ -162,7 +154,7 @@ def test_hf_task_models_hub_names_and_heads():
     """Hub checkpoints (pre-transformers-5 names: encoder.layer.N.attention.attention.query ...) inside
     task models (vit. / deit. prefixes) load; classifiers are dropped with a reason."""
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTModel
-    hf = _randomize(ViTModel(ViTConfig(**_hf_kwargs()), add_pooling_layer=True), seed=3).eval()
+    hf = randomize(ViTModel(ViTConfig(**_hf_kwargs()), add_pooling_layer=True), seed=3).eval()
     hub = {}
     for k, v in hf.state_dict().items():  # the names the hub files use
         k = k.replace('layers.', 'encoder.layer.').replace('attention.q_proj', 'attention.attention.query')
@@ -189,7 +181,7 @@ def _mmseg_vit(**kw):
     m = VisionTransformer(img_size=224, patch_size=16, embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=4,
                           out_indices=(0, 1, 2, 3), qkv_bias=True, drop_path_rate=0., norm_cfg=dict(type='LN', eps=1e-6),
                           final_norm=True, interpolate_mode='bicubic', output_cls_token=True, **kw)
-    _randomize(m, seed=4)
+    randomize(m, seed=4)
     m.eval()  # mmseg's train() override returns None, so eval() cannot be chained
     return m
 
@@ -213,7 +205,7 @@ def test_parity_mmseg_vision_transformer(hw, patch_bias):
 
 
 def test_timm_layout_roundtrip_and_distilled_mismatch():
-    src = _randomize(vit_backbones.build_backbone('DeiT', SMALL_D), seed=5).eval()
+    src = randomize(vit_backbones.build_backbone('DeiT', SMALL_D), seed=5).eval()
     timm_sd = {k: v for k, v in src.state_dict().items() if not k.startswith('pyramid.')}
     timm_sd['head.weight'], timm_sd['head_dist.weight'] = torch.zeros(10, 32), torch.zeros(10, 32)
     ours = vit_backbones.build_backbone('DeiT', SMALL_D).eval()
@@ -232,7 +224,7 @@ def test_timm_layout_roundtrip_and_distilled_mismatch():
 
 def test_pos_embed_resized_on_load():
     """A 384-trained checkpoint (24x24 grid) into a 224 model (14x14): bicubic, prefix slots kept."""
-    src = _randomize(vit_backbones.build_backbone('DeiT', SMALL_D, img_size=384), seed=6)
+    src = randomize(vit_backbones.build_backbone('DeiT', SMALL_D, img_size=384), seed=6)
     dst = vit_backbones.build_backbone('DeiT', SMALL_D)
     report = dst.load_checkpoint(src.state_dict())
     assert report.resized['pos_embed'] == ((1, 2 + 576, 32), (1, 2 + 196, 32))
@@ -327,7 +319,7 @@ def test_window_block_matches_a_direct_reference():
     """Windowed block = pad the normed map to a multiple of the window, attend per window (with the
     relative-position bias), crop; written here with reshapes, not the shared gather plan."""
     from vit_backbones.layers import ViTBlock
-    blk = _randomize(ViTBlock(32, 2, window_size=4, rel_pos=True), seed=7).eval()
+    blk = randomize(ViTBlock(32, 2, window_size=4, rel_pos=True), seed=7).eval()
     h, w = 6, 9
     x = torch.randn(2, h * w, 32)
     with torch.no_grad():
@@ -351,7 +343,7 @@ def test_window_layout_and_checkpoint():
     assert [b.window_size for b in m.blocks] == [14, 14, 0, 14, 14, 0, 14, 14, 0, 14, 14, 0]
     assert not hasattr(m.blocks[2].attn, 'rel_pos') and m.blocks[0].attn.rel_pos.window == (14, 14)
     # a plain classification checkpoint loads; the bias tables keep their init and are reported missing
-    src = _randomize(vit_backbones.build_backbone('ViT', SMALL), seed=8)
+    src = randomize(vit_backbones.build_backbone('ViT', SMALL), seed=8)
     win = vit_backbones.build_backbone('ViT', SMALL, window_size=4, global_attn_indexes=(-1, ), rel_pos=True)
     report = win.load_checkpoint(src.state_dict())
     assert sorted(k for k in report.missing if not k.startswith('pyramid.')) == [
@@ -364,7 +356,7 @@ def test_window_covering_the_grid_equals_global_attention_without_prefix():
     """With one window exactly covering the grid and no rel-pos, windowed = global attention on the
     grid tokens (the class token dropped after the position embedding)."""
     from vit_backbones.layers import ViTBlock
-    blk = _randomize(ViTBlock(32, 2, window_size=7), seed=9).eval()
+    blk = randomize(ViTBlock(32, 2, window_size=7), seed=9).eval()
     x = torch.randn(1, 49, 32)
     with torch.no_grad():
         a = blk(x, (7, 7))
@@ -374,28 +366,13 @@ def test_window_covering_the_grid_equals_global_attention_without_prefix():
 
 
 # ----------------------------------------------------------------------------- training behaviour
-@pytest.mark.parametrize('kw', [dict(), dict(pyramid='simple', window_size=4, global_attn_indexes=(1, ), rel_pos=True)],
-                         ids=['deconv', 'windows'])
+@pytest.mark.parametrize('kw', [dict(pyramid='simple', window_size=4, global_attn_indexes=(1, ), rel_pos=True)],
+                         ids=['windows'])
 def test_every_parameter_gets_a_gradient(kw):
     m = vit_backbones.build_backbone('DeiT', SMALL_D, drop_path_rate=0., **kw).train()  # no branch dropped
     sum(o.mean() for o in m(torch.randn(2, 3, 64, 80))).backward()
     assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
     assert hasattr(m, 'dist_token') != bool(kw)  # windowed models have no prefix-token parameters
-
-
-def test_with_cp_same_outputs_and_gradients():
-    torch.manual_seed(0)
-    a = vit_backbones.build_backbone('ViT', SMALL, drop_path_rate=0.).train()
-    b = vit_backbones.build_backbone('ViT', SMALL, drop_path_rate=0., with_cp=True).train()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 64, 90)
-    outs = []
-    for m in (a, b):
-        y = m(x)
-        sum((o * (i + 1)).mean() for i, o in enumerate(y)).backward()
-        outs.append((y, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    assert _max_diff(outs[0][0], outs[1][0]) < 1e-6
-    assert max(float((outs[0][1][n] - outs[1][1][n]).abs().max()) for n in outs[0][1]) < 1e-6
 
 
 def test_frozen_stages():
@@ -411,18 +388,8 @@ def test_frozen_stages():
     assert m.blocks[0].attn.qkv.weight.grad is None and m.blocks[2].attn.qkv.weight.grad is not None
     m0 = vit_backbones.build_backbone('ViT', SMALL, frozen_stages=0)
     assert not m0.pos_embed.requires_grad and m0.blocks[0].attn.qkv.weight.requires_grad
-    with pytest.raises(ValueError, match='exceeds'):
+    with pytest.raises(ValueError, match='frozen_stages=5 is out of range'):
         vit_backbones.build_backbone('ViT', SMALL, frozen_stages=5)
-
-
-def test_norm_eval_keeps_pyramid_batchnorm_in_eval():
-    m = vit_backbones.build_backbone('ViT', SMALL, norm_eval=True).train()
-    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
-    assert bns and not any(bn.training for bn in bns)
-    before = bns[0].running_mean.clone()
-    m(torch.randn(2, 3, 64, 64))
-    assert torch.equal(before, bns[0].running_mean)
-    assert vit_backbones.build_backbone('ViT', SMALL).train().pyramid.branches[0][1].training
 
 
 def test_drop_path_schedule_linear_over_blocks():
@@ -431,16 +398,7 @@ def test_drop_path_schedule_linear_over_blocks():
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_bad_inputs_have_clear_errors():
-    m = vit_backbones.build_backbone('ViT', SMALL)
-    with pytest.raises(ValueError, match='3 input channels'):
-        m(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ValueError, match='at least 32x32'):
-        m(torch.randn(1, 3, 16, 64))
-    with pytest.raises(TypeError, match='floating-point'):
-        m(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
-        m(torch.randn(3, 64, 64))
+def test_bad_arguments_have_clear_errors():
     with pytest.raises(ValueError, match="unknown arch 'huge'"):
         vit_backbones.build_backbone('ViT', 'huge')
     with pytest.raises(ValueError, match="unknown arch 'large'"):
@@ -458,12 +416,3 @@ def test_checkpoint_of_another_variant_is_refused():
     with pytest.raises(CheckpointMismatchError, match='another variant'):
         small.load_checkpoint(tiny_sd)
 
-
-def test_checkpoint_file_roundtrip_and_init_cfg(tmp_path):
-    src = _randomize(vit_backbones.build_backbone('ViT', SMALL), seed=11)
-    path = tmp_path / 'vit.pth'
-    torch.save({'state_dict': src.state_dict()}, path)
-    m = vit_backbones.build_backbone('ViT', SMALL, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    m.init_weights()
-    assert m.load_report.source_format == 'vit_backbones'
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values()))

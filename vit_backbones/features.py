@@ -37,6 +37,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
+class FeatureInfo(list):
+    """The pyramid a backbone offers: one dict per level (``num_chs``, ``reduction``, ``module``), indexable
+    and iterable like the plain list it extends, plus timm's accessors.
+
+    ``channels()``, ``reduction()`` and ``module_name()`` give the values of the returned levels
+    (``out_indices``) in output order, or of level ``idx`` (an int, or a sequence of ints) when given.
+    """
+
+    def __init__(self, levels: Sequence[dict] = (), out_indices: Optional[Sequence[int]] = None):
+        super().__init__(dict(level) for level in levels)
+        self.out_indices = tuple(range(len(self)) if out_indices is None else out_indices)
+
+    def get(self, key: str, idx: Union[None, int, Sequence[int]] = None):
+        if idx is None:
+            return [self[i][key] for i in self.out_indices]
+        if isinstance(idx, int):
+            return self[idx][key]
+        return [self[i][key] for i in idx]
+
+    def channels(self, idx: Union[None, int, Sequence[int]] = None):
+        return self.get('num_chs', idx)
+
+    def reduction(self, idx: Union[None, int, Sequence[int]] = None):
+        return self.get('reduction', idx)
+
+    def module_name(self, idx: Union[None, int, Sequence[int]] = None):
+        return self.get('module', idx)
+
+    def get_dicts(self) -> List[dict]:
+        """The returned levels' dicts, in output order."""
+        return [dict(self[i]) for i in self.out_indices]
+
+
 def data_config(model) -> dict:
     """Preprocessing of a backbone's classification checkpoints: ``mean``, ``std`` (0-1 scale),
     ``input_size`` (C, H, W of pre-training), ``interpolation``.

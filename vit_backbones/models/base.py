@@ -2,6 +2,10 @@
 loading, activation checkpointing and the description of the pyramid (``feature_info``)."""
 import contextlib
 import copy
+import functools
+import inspect
+import math
+import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,6 +15,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import LoadReport, load_pretrained
+from ..features import FeatureInfo
+from ..layers import drop_path_schedule
+from ..registry import suggest_names
+from .keywords import SELF_FINISHING, translate_keywords
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -52,14 +60,153 @@ def resolve_arch(arch: Union[str, Mapping], zoo: Mapping[str, dict], model_name:
                 raise ValueError(f'{model_name} arch overrides {sorted(unknown)} are not hyper-parameters; '
                                  f'known: {sorted(cfg)}')
             cfg.update(arch)
-            return f'{name}-custom', cfg
+            return _variant_named(cfg, zoo) or f'{name}-custom', cfg
         needed = set(next(iter(zoo.values())))
         lacking = needed - set(arch)
         if lacking:
             raise ValueError(f'{model_name} arch dict lacks {sorted(lacking)}; give them all or add '
                              f"'base': one of {sorted(zoo)}")
-        return 'custom', arch
+        return _variant_named(arch, zoo) or 'custom', arch
     raise TypeError(f'arch must be a variant name or a dict, got {type(arch).__name__}')
+
+
+def _as_tuples(value):
+    """Lists (also nested) as tuples, so that a config's [2, 2, 6, 2] equals a zoo's (2, 2, 6, 2)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def _variant_named(cfg: Mapping, zoo: Mapping[str, dict]) -> Optional[str]:
+    """The zoo variant whose hyper-parameters are exactly ``cfg``, if any."""
+    mine = {k: _as_tuples(v) for k, v in cfg.items()}
+    for name, entry in zoo.items():
+        if set(entry) == set(mine) and all(_as_tuples(v) == mine[k] for k, v in entry.items()):
+            return name
+    return None
+
+
+#: stochastic-depth rules of the papers, by name (see :func:`drop_path_rates`)
+DROP_PATH_RULES = ('linear', 'stage_linear', 'constant', 'stage_constant')
+
+
+def drop_path_rates(rate: Union[float, Sequence[float]], depths: Sequence[int],
+                    rule: str = 'linear') -> List[List[float]]:
+    """Per-block stochastic-depth rates, one list per stage, by one of the papers' rules:
+
+    * ``'linear'``: from 0 to ``rate`` linearly over all blocks (Swin, PVT, ViT/DeiT, DeepViT, CPVT, CeiT);
+    * ``'stage_linear'``: within each stage from 0 to that stage's rate (CvT); ``rate`` is one rate per
+      stage, or one number for the last stage with 0 before it (CvT's official 0, 0, 0.1);
+    * ``'constant'``: ``rate`` in every block (CaiT, LeViT);
+    * ``'stage_constant'``: constant within a stage, ``linspace(0, rate, num_stages)`` over the stages
+      (Shuffle Transformer).
+
+    Plain Python numbers, so models can be built on the meta device.
+    """
+    depths = [int(d) for d in depths]
+    n = len(depths)
+    if rule == 'stage_linear':
+        rates = [0.] * (n - 1) + [float(rate)] if isinstance(rate, (int, float)) else [float(r) for r in rate]
+        if len(rates) != n:
+            raise ValueError(f'drop_path_rate needs one rate or one per stage ({n}), got {rate!r}')
+        return [[r * j / (d - 1) for j in range(d)] if d > 1 else [0.] * d for r, d in zip(rates, depths)]
+    if not isinstance(rate, (int, float)):
+        raise TypeError(f'drop_path_rate must be a number for the {rule!r} schedule, got {rate!r}')
+    rate = float(rate)
+    if rule == 'linear':
+        return drop_path_schedule(rate, depths)
+    if rule == 'constant':
+        return [[rate] * d for d in depths]
+    if rule == 'stage_constant':
+        stage = [rate * i / (n - 1) for i in range(n)] if n > 1 else [0.]
+        return [[r] * d for r, d in zip(stage, depths)]
+    raise ValueError(f'unknown drop-path rule {rule!r}; choose one of {DROP_PATH_RULES}')
+
+
+def _check_init_cfg(init_cfg, pretrained, model_name: str):
+    """``pretrained`` / ``init_cfg`` checked at construction (not only at ``init_weights()``); returns the
+    init config to keep. mmdet's PVT spelling ``init_cfg=dict(checkpoint=PATH)`` (no type) means
+    ``'Pretrained'``."""
+    fix = "pass pretrained=PATH or init_cfg=dict(type='Pretrained', checkpoint=PATH)"
+    if pretrained is not None:
+        if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)):
+            raise TypeError(f'{model_name}: pretrained must be a checkpoint path, got {pretrained!r} '
+                            f'({type(pretrained).__name__}); {fix}, or leave it None for random weights')
+        if init_cfg is not None:
+            raise ValueError(f'{model_name}: pass either pretrained= or init_cfg=, not both')
+        return dict(type='Pretrained', checkpoint=os.fspath(pretrained))
+    if init_cfg is None:
+        return None
+    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    out = []
+    for cfg in cfgs:
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f'{model_name}: init_cfg must be a dict or a list of dicts, got {cfg!r} '
+                            f'({type(cfg).__name__}); {fix}')
+        cfg = dict(cfg)
+        if 'type' not in cfg and 'checkpoint' in cfg:
+            cfg['type'] = 'Pretrained'
+        kind = cfg.get('type')
+        if kind == 'Pretrained':
+            path = cfg.get('checkpoint')
+            if isinstance(path, bool) or not isinstance(path, (str, os.PathLike, Mapping)):
+                raise TypeError(f"{model_name}: init_cfg type 'Pretrained' needs checkpoint=PATH (a path or a state "
+                                f'dict), got {path!r}; {fix}')
+        else:
+            from mmengine.registry import WEIGHT_INITIALIZERS
+            if not isinstance(kind, str) or WEIGHT_INITIALIZERS.get(kind) is None:
+                known = sorted(WEIGHT_INITIALIZERS.module_dict)
+                raise ValueError(f"{model_name}: init_cfg type {kind!r} is neither 'Pretrained' nor an mmengine "
+                                 f'initialiser ({", ".join(known)}); {fix}')
+        out.append(cfg)
+    return out if isinstance(init_cfg, (list, tuple)) else out[0]
+
+
+_BN_ONE_VALUE = 'Expected more than 1 value per channel when training'
+
+
+def _contract_forward(forward):
+    """Wrap a backbone's ``forward``: input checks, an empty batch answered with empty maps, and a clear
+    message for BatchNorm's one-value error (every subclass's forward gets it, see ``__init_subclass__``)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, x, *args, **kwargs):
+        self.check_input(x)
+        if x.shape[0] == 0:
+            return self.empty_outputs(x)
+        try:
+            return forward(self, x, *args, **kwargs)
+        except ValueError as e:
+            if _BN_ONE_VALUE not in str(e):
+                raise
+            h, w = x.shape[-2:]
+            raise ValueError(
+                f'{type(self).__name__}: a BatchNorm in training mode got one value per channel (batch {x.shape[0]}, '
+                f'{h}x{w} input: some stage map has a single cell). Train with a batch of at least 2 or a larger '
+                'image, or keep the BatchNorms in eval mode (norm_eval=True, or model.eval())') from e
+
+    wrapper.__contract_wrapped__ = True
+    return wrapper
+
+
+class _BackboneMeta(type(BaseModule)):
+    """Construction of every backbone: mmdet keyword names translated (:mod:`.keywords`), arguments the
+    class does not take refused by name, then ``__init__``, then :meth:`BaseBackbone._finish_construction`
+    (weights initialised, bounds checked, stages frozen) in one place."""
+
+    def __call__(cls, *args, **kwargs):
+        kwargs = translate_keywords(cls, kwargs)
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = [k for k in kwargs if k not in params or k == 'self']
+            if unknown:
+                takes = [k for k in params if k != 'self']
+                hints = {k: suggest_names(k, takes, 1) for k in unknown}
+                said = ', '.join(f'{k!r}' + (f' (did you mean {hints[k][0]!r}?)' if hints[k] else '') for k in unknown)
+                raise TypeError(f'{cls.__name__} does not use the argument(s) {said}; it takes: {", ".join(takes)}')
+        model = super().__call__(*args, **kwargs)
+        model._finish_construction()
+        return model
 
 
 class KeepBatchNormStats:
@@ -86,12 +233,16 @@ class KeepBatchNormStats:
         return False
 
 
-class BaseBackbone(BaseModule):
-    """Base class of all backbones.
+class BaseBackbone(BaseModule, metaclass=_BackboneMeta):
+    """Base class of all backbones: it owns the contract (docs/contract.md).
 
     Subclasses set ``self.feature_info`` (one dict per pyramid level: ``num_chs``, ``reduction``) and
     implement ``_stem_and_stages()`` (modules frozen by ``frozen_stages``), ``convert_checkpoint`` and
-    the forward.
+    the forward; they build their modules in ``__init__`` and stop there: construction ends in
+    :meth:`_finish_construction` (``_default_init()``, bounds checks, ``feature_info`` as a
+    :class:`~vit_backbones.features.FeatureInfo`, then freezing), called once the outermost ``__init__``
+    returns. Every subclass's ``forward`` is wrapped (input checks, empty batch, BatchNorm message), and
+    ``default_arch`` is the constructor's ``arch`` default.
 
     Args:
         out_indices: pyramid levels to return (negative indices count from the end).
@@ -106,6 +257,8 @@ class BaseBackbone(BaseModule):
 
     #: smallest input side the model accepts (its total stride unless a subclass says otherwise)
     min_input_size: int = 32
+    #: the variant built when no ``arch`` is given (set from the constructor's default for every subclass)
+    default_arch: Optional[str] = None
 
     #: the paper's (or official README's) table, per variant of ``arch_zoo``:
     #: ``{arch: dict(params=<millions>, gmacs=<GMACs at 224x224, None if not given>, source='<table>')}``.
@@ -123,17 +276,52 @@ class BaseBackbone(BaseModule):
                  in_chans: int = 3,
                  init_cfg: Optional[Union[dict, List[dict]]] = None,
                  pretrained: Optional[str] = None):
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError('pass either pretrained= or init_cfg=, not both')
-            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        name = type(self).__name__
+        init_cfg = _check_init_cfg(init_cfg, pretrained, name)
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f'{name}: in_chans must be a positive int, got {in_chans!r}')
         super().__init__(init_cfg=init_cfg)
         self._out_indices_arg = out_indices
         self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.with_cp = with_cp
+        self.norm_eval = bool(norm_eval)
+        self.with_cp = bool(with_cp)
         self.in_chans = in_chans
         self.load_report: Optional[LoadReport] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if 'default_arch' not in cls.__dict__:
+            p = inspect.signature(cls.__init__).parameters.get('arch')
+            if p is not None and isinstance(p.default, str):
+                cls.default_arch = p.default
+        fwd = cls.__dict__.get('forward')
+        if fwd is not None and not getattr(fwd, '__contract_wrapped__', False):
+            cls.forward = _contract_forward(fwd)
+
+    def _finish_construction(self):
+        """The end of every construction: default initialisation (unless the class still does it in its own
+        ``__init__``, see :data:`.keywords.SELF_FINISHING`), bounds checks, ``feature_info`` as a
+        :class:`FeatureInfo`, freezing."""
+        if type(self).__name__ not in SELF_FINISHING:
+            self._default_init()
+        units = len(self._stem_and_stages())
+        if not -1 <= self.frozen_stages <= units - 1:
+            raise ValueError(f'{type(self).__name__}: frozen_stages={self.frozen_stages} is out of range: -1 freezes '
+                             f'nothing, 0 the stem, k the stem and the first k of its {units - 1} stages (blocks of '
+                             f'a plain model), so at most {units - 1}')
+        self.feature_info = FeatureInfo(self.feature_info, self.out_indices)
+        self._freeze_stages()
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Activation checkpointing per block on or off (``with_cp``); returns the model."""
+        self.with_cp = bool(enable)
+        return self
+
+    def empty_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The outputs for an empty batch ``x`` (B = 0): empty maps of the returned levels' shapes."""
+        h, w = x.shape[-2:]
+        return tuple(x.new_zeros((0, self.feature_info[i]['num_chs'], math.ceil(h / self.feature_info[i]['reduction']),
+                                  math.ceil(w / self.feature_info[i]['reduction']))) for i in self.out_indices)
 
     # ---------------------------------------------------------------- pyramid description
     def _set_out_indices(self, num_levels: int):
@@ -149,8 +337,9 @@ class BaseBackbone(BaseModule):
         if len(set(idx)) != len(idx):
             raise ValueError(f'out_indices {tuple(out)} repeats a level')
         self.out_indices = tuple(idx)
-        if not isinstance(self.frozen_stages, int) or self.frozen_stages < -1:
-            raise ValueError(f'frozen_stages must be -1 or a non-negative int, got {self.frozen_stages!r}')
+        fs = self.frozen_stages
+        if isinstance(fs, bool) or not isinstance(fs, int) or fs < -1:
+            raise ValueError(f'frozen_stages must be -1 or a non-negative int, got {fs!r}')
 
     @property
     def out_channels(self) -> List[int]:
@@ -190,6 +379,15 @@ class BaseBackbone(BaseModule):
         if min(h, w) < self.min_input_size:
             raise ValueError(f'{name} needs images of at least {self.min_input_size}x{self.min_input_size} '
                              f'pixels, got {h}x{w}; resize or pad the input')
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is not None and x.dtype != weight.dtype:
+            dev = x.device.type
+            autocast = torch.is_autocast_enabled(dev) if dev in ('cpu', 'cuda', 'xpu', 'mps') else False
+            if not (autocast and x.dtype in (torch.float32, torch.get_autocast_dtype(dev))):
+                raise TypeError(
+                    f'{name} has {weight.dtype} weights but got a {x.dtype} input. Run mixed precision under '
+                    f"torch.autocast('{dev}', dtype={x.dtype}) with a float32 input, or convert the model with "
+                    f'model.to({x.dtype}) (or the input with x.to({weight.dtype}))')
 
     # ---------------------------------------------------------------- freezing / norm_eval
     def _stem_and_stages(self) -> List[nn.Module]:

@@ -27,7 +27,7 @@ from ..layers.head_mixing import TalkingHeadAttention
 from ..layers.vit_block import ViTBlock
 from ..registry import register_backbone
 from .base import resolve_arch
-from .plain import PlainBackbone
+from .plain import PlainBackbone, plain_arguments
 
 
 def paper_layer_scale_init(depth: int) -> float:
@@ -48,7 +48,8 @@ class CaiT(PlainBackbone):
         img_size: pre-training resolution fixing the stored position embedding grid (224; the official
             XS24 / S24 / S36 checkpoints are at 384 and their 24x24 embedding is resampled on load).
         drop_path_rate: stochastic depth, the same rate in every block (CaiT's schedule).
-        init_values: LayerScale initial value; None takes the arch's (the official value).
+        init_values: LayerScale initial value; None takes the arch's (the official value). (CaiT's name for
+            :class:`PlainBackbone`'s ``layer_scale``, which it does not take.)
         Other arguments: see :class:`PlainBackbone` (pyramid, taps, ViTDet windows, freezing ...).
             ``output_cls_token`` is not available: the self-attention stage has no class token.
     """
@@ -72,6 +73,7 @@ class CaiT(PlainBackbone):
     }
 
     prefix_token_names = ()  # no class token in the self-attention stage
+    drop_path_rule = 'constant'  # the official code trains every block at the same rate
     pos_embed_on_prefix = False
     #: classifier-only parts of the official model (not built): class-attention layers and their MLP ratio
     depth_token_only = 2
@@ -82,28 +84,43 @@ class CaiT(PlainBackbone):
                  img_size: int = 224,
                  patch_size: int = 16,
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
                  init_values: Optional[float] = None,
+                 pyramid: str = 'deconv',
+                 block_indices: Optional[Sequence[int]] = None,
+                 pyramid_norm: Optional[str] = None,
+                 pyramid_channels: Optional[int] = None,
+                 final_norm: bool = True,
+                 window_size: int = 0,
+                 global_attn_indexes: Sequence[int] = (),
+                 rel_pos: bool = False,
+                 output_cls_token: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
-                 **kwargs):
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, self.model_name, self.arch_aliases)
-        if kwargs.get('output_cls_token'):
+        if output_cls_token:
             raise ValueError('CaiT has no class token in its self-attention stage (the class token only enters '
                              'the classification-only class-attention layers, which this backbone does not '
                              'build); use output_cls_token=False')
         cfg_init = cfg.get('init_values')
         self.init_values = float(init_values if init_values is not None else
                                  (cfg_init if cfg_init is not None else paper_layer_scale_init(cfg['depth'])))
-        self.constant_drop_path = float(drop_path_rate)
-        super().__init__(cfg['embed_dims'], cfg['depth'], cfg['num_heads'], 4., qkv_bias=qkv_bias,
-                         patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
-                         layer_scale=self.init_values, out_indices=out_indices, **kwargs)
+        layer_scale = self.init_values
+        super().__init__(cfg['embed_dims'], cfg['depth'], cfg['num_heads'], 4., **plain_arguments(locals()))
 
     def _build_block(self, index: int, drop_path: float, window_size: int) -> ViTBlock:
         attn = TalkingHeadAttention(self.embed_dims, self.num_heads, self.qkv_bias, self.qk_scale,
                                     self.attn_drop_rate, self.drop_rate)
         return ViTBlock(self.embed_dims, self.num_heads, self.mlp_ratio, self.qkv_bias, self.qk_scale, self.drop_rate,
-                        self.attn_drop_rate, self.constant_drop_path, layer_scale=self.layer_scale,
+                        self.attn_drop_rate, drop_path, layer_scale=self.layer_scale,
                         window_size=window_size, rel_pos=self.rel_pos and window_size > 0, attn=attn)
 
     def classifier_param_delta(self) -> int:

@@ -34,7 +34,7 @@ from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import ConvStem, LocallyEnhancedFeedForward, PatchEmbed, ViTBlock
 from ..registry import register_backbone
 from .base import resolve_arch
-from .plain import PlainBackbone
+from .plain import PlainBackbone, plain_arguments
 
 
 class ImageToTokens(nn.Module):
@@ -95,19 +95,36 @@ class CeiT(PlainBackbone):
     def __init__(self,
                  arch: Union[str, dict] = 'small',
                  img_size: int = 224,
+                 patch_size: int = 16,
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
                  leff_kernel_size: int = 3,
+                 layer_scale: Optional[float] = None,
+                 pyramid: str = 'deconv',
+                 block_indices: Optional[Sequence[int]] = None,
+                 pyramid_norm: Optional[str] = None,
+                 pyramid_channels: Optional[int] = None,
                  final_norm: bool = False,
+                 window_size: int = 0,
+                 global_attn_indexes: Sequence[int] = (),
+                 rel_pos: bool = False,
+                 output_cls_token: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
-                 **kwargs):
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, self.model_name, self.arch_aliases)
-        if kwargs.pop('patch_size', 16) != 16:
+        if patch_size != 16:
             raise ValueError('CeiT tokens are at stride 16 (stem stride 4 x 4x4 patches); patch_size cannot change')
         self.leff_kernel_size = int(leff_kernel_size)
-        super().__init__(cfg['embed_dims'], cfg['depth'], cfg['num_heads'], cfg['mlp_ratio'], qkv_bias=qkv_bias,
-                         patch_size=16, img_size=img_size, drop_path_rate=drop_path_rate, final_norm=final_norm,
-                         out_indices=out_indices, **kwargs)
+        super().__init__(cfg['embed_dims'], cfg['depth'], cfg['num_heads'], cfg['mlp_ratio'],
+                         **plain_arguments(locals()))
 
     def _build_stem(self) -> nn.Module:
         return ImageToTokens(self.in_chans, self.embed_dims, self.stem_chans, patch_size=4)

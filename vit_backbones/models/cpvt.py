@@ -26,7 +26,7 @@ from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import PositionalEncodingGenerator
 from ..registry import register_backbone
 from .base import resolve_arch
-from .plain import PlainBackbone
+from .plain import PlainBackbone, plain_arguments
 
 _HEAD_KEYS = ('head.', 'head_dist.', 'fc_norm.', 'pre_logits.')
 
@@ -73,26 +73,40 @@ class CPVT(PlainBackbone):
                  img_size: int = 224,
                  patch_size: int = 16,
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
                  peg_index: int = 0,
+                 layer_scale: Optional[float] = None,
+                 pyramid: str = 'deconv',
+                 block_indices: Optional[Sequence[int]] = None,
+                 pyramid_norm: Optional[str] = None,
+                 pyramid_channels: Optional[int] = None,
+                 final_norm: bool = True,
+                 window_size: int = 0,
+                 global_attn_indexes: Sequence[int] = (),
+                 rel_pos: bool = False,
+                 output_cls_token: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
-                 **kwargs):
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, self.model_name, self.arch_aliases)
         self.class_token = bool(cfg.pop('class_token', True))
         self.prefix_token_names = ('cls_token', ) if self.class_token else ()
-        if kwargs.get('output_cls_token') and not self.class_token:
+        if output_cls_token and not self.class_token:
             raise ValueError(f'output_cls_token=True needs a class token; arch {self.arch_name!r} is a GAP '
                              'variant without one (use e.g. arch="small")')
         depth = int(cfg['depth'])
         if not -depth <= peg_index < depth:
             raise ValueError(f'peg_index={peg_index} is not a block of the {depth}-block model')
         self.peg_index = peg_index % depth
-        super().__init__(cfg['embed_dims'], depth, cfg['num_heads'], cfg['mlp_ratio'], qkv_bias=qkv_bias,
-                         patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, **kwargs)
+        super().__init__(cfg['embed_dims'], depth, cfg['num_heads'], cfg['mlp_ratio'], **plain_arguments(locals()))
         self.pos_block = PositionalEncodingGenerator(self.embed_dims)
-        self._init_peg()
-        self._freeze_stages()
 
     def _init_peg(self):
         """As Twins initialises its PEG: normal(0, sqrt(2 / fan_out)) with fan_out = k*k*C/groups, zero bias."""

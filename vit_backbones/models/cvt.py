@@ -25,7 +25,7 @@ from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import Mlp, PatchEmbed, make_drop_path, nlc_to_nchw
 from ..layers.conv_proj import ConvProjectionAttention, QuickGELU
 from ..registry import register_backbone
-from .base import BaseBackbone, init_transformer_weights, resolve_arch
+from .base import BaseBackbone, drop_path_rates, init_transformer_weights, resolve_arch
 
 _ACTS = {'quick_gelu': QuickGELU, 'gelu': nn.GELU}
 
@@ -59,16 +59,6 @@ class CvTStage(nn.Module):
         dim = patch_embed.proj.out_channels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.blocks = nn.ModuleList(blocks)
-
-
-def _stage_drop_path(rate: Union[float, Sequence[float]], depths: Sequence[int]):
-    """The official schedule: per stage, linear from 0 to that stage's rate over its blocks. A single
-    number is the last stage's rate (the official specs: 0, 0, 0.1)."""
-    n = len(depths)
-    rates = [0.] * (n - 1) + [float(rate)] if isinstance(rate, (int, float)) else [float(r) for r in rate]
-    if len(rates) != n:
-        raise ValueError(f'drop_path_rate needs one rate or one per stage ({n}), got {rate!r}')
-    return [[r * j / (d - 1) for j in range(d)] if d > 1 else [0.] * d for r, d in zip(rates, depths)]
 
 
 @register_backbone
@@ -159,13 +149,11 @@ class CvT(BaseBackbone):
         if act not in _ACTS:
             raise ValueError(f"CvT act must be one of {sorted(_ACTS)}, got {act!r} ('quick_gelu' is the official "
                              "models' activation, 'gelu' HF transformers')")
-        if frozen_stages > 3:
-            raise ValueError(f'CvT has 3 stages; frozen_stages must be -1..3, got {frozen_stages}')
         self.embed_dims, self.depths, self.num_heads = dims, depths, heads
         self.mlp_ratio = float(cfg['mlp_ratio'])
         self.act, self.use_cls_token, self.out_norm = act, use_cls_token, out_norm
         self._set_out_indices(4)
-        dpr = _stage_drop_path(drop_path_rate, depths)
+        dpr = drop_path_rates(drop_path_rate, depths, 'stage_linear')
         norm = partial(nn.LayerNorm, eps=layer_norm_eps)
         self.embed_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.stages = nn.ModuleList()
@@ -186,8 +174,6 @@ class CvT(BaseBackbone):
         if out_norm:
             for i in self._needed:
                 self.add_module(f'norm{i}', norm(dims[i]))
-        self._default_init()
-        self._freeze_stages()
 
     # ------------------------------------------------------------------ model zoo
     def classifier_param_delta(self) -> int:
@@ -213,7 +199,6 @@ class CvT(BaseBackbone):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self.check_input(x)
         maps = {}
         last = self._needed[-1]
         for i, stage in enumerate(self.stages):

@@ -34,7 +34,7 @@ from ..layers.head_mixing import ReAttention
 from ..layers.vit_block import ViTBlock
 from ..registry import register_backbone
 from .base import resolve_arch
-from .plain import PlainBackbone
+from .plain import PlainBackbone, plain_arguments
 
 
 class DeepViTConvStem(nn.Module):
@@ -97,7 +97,8 @@ class DeepViT(PlainBackbone):
             ``cnn_stem``, ``scale_adjustment`` (optionally with ``'base': name``).
         img_size: pre-training resolution (224; 384 for DeepViT-L-384) fixing the stored position grid.
         drop_path_rate: stochastic depth, linear over the blocks.
-        Other arguments: see :class:`PlainBackbone` (pyramid, taps, ViTDet windows, freezing ...).
+        Other arguments: see :class:`PlainBackbone` (pyramid, taps, ViTDet windows, freezing ...), except
+            ``layer_scale``: DeepViT blocks have no LayerScale, so the argument is refused.
     """
 
     #: the official models are trained on inputs normalised with mean = std = 0.5 (feature extraction uses it)
@@ -135,9 +136,26 @@ class DeepViT(PlainBackbone):
                  img_size: int = 224,
                  patch_size: int = 16,
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
+                 pyramid: str = 'deconv',
+                 block_indices: Optional[Sequence[int]] = None,
+                 pyramid_norm: Optional[str] = None,
+                 pyramid_channels: Optional[int] = None,
+                 final_norm: bool = True,
+                 window_size: int = 0,
+                 global_attn_indexes: Sequence[int] = (),
+                 rel_pos: bool = False,
+                 output_cls_token: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
-                 **kwargs):
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, self.model_name, self.arch_aliases)
         depth = int(cfg['depth'])
         n_re = int(cfg['reattn_blocks'])
@@ -147,9 +165,7 @@ class DeepViT(PlainBackbone):
         self.transform_scale = bool(cfg['transform_scale'])
         self.cnn_stem = bool(cfg['cnn_stem'])
         self.scale_adjustment = float(cfg['scale_adjustment'])
-        super().__init__(cfg['embed_dims'], depth, cfg['num_heads'], cfg['mlp_ratio'], qkv_bias=qkv_bias,
-                         patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, **kwargs)
+        super().__init__(cfg['embed_dims'], depth, cfg['num_heads'], cfg['mlp_ratio'], **plain_arguments(locals()))
 
     def _build_stem(self) -> nn.Module:
         if self.cnn_stem:

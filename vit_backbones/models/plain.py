@@ -27,18 +27,19 @@ windowed model has none: it keeps the position embedding's prefix slots (so clas
 load unchanged) but builds no prefix-token parameters (a checkpoint's are dropped with a reason), and
 every parameter takes part in the forward (no unused parameters under DistributedDataParallel).
 """
+import inspect
 import math
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError
-from ..layers import PatchEmbed, drop_path_schedule, resample_abs_pos_embed
+from ..layers import PatchEmbed, resample_abs_pos_embed
 from ..layers.pyramid import FeaturePyramid
 from ..layers.vit_block import LayerNormEps6, ViTBlock
-from .base import BaseBackbone, init_transformer_weights
+from .base import BaseBackbone, drop_path_rates, init_transformer_weights
 
 
 def quarter_blocks(depth: int) -> Tuple[int, ...]:
@@ -84,6 +85,8 @@ class PlainBackbone(BaseBackbone):
     prefix_token_names: Tuple[str, ...] = ('cls_token', )
     pos_embed_on_prefix: bool = True
     abs_pos_embed: bool = True
+    #: the stochastic-depth rule of the paper (:func:`~vit_backbones.models.base.drop_path_rates`)
+    drop_path_rule: str = 'linear'
 
     def __init__(self,
                  embed_dims: int,
@@ -132,8 +135,6 @@ class PlainBackbone(BaseBackbone):
         self.output_cls_token = output_cls_token
         self.final_norm = final_norm
         self._set_out_indices(4)
-        if self.frozen_stages > self.depth:
-            raise ValueError(f'frozen_stages={self.frozen_stages} exceeds the {self.depth} blocks')
 
         # taps
         if pyramid not in ('deconv', 'simple'):
@@ -157,7 +158,7 @@ class PlainBackbone(BaseBackbone):
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
         # blocks
-        dpr = drop_path_schedule(drop_path_rate, (self.depth, ))[0]
+        dpr = drop_path_rates(drop_path_rate, (self.depth, ), self.drop_path_rule)[0]
         self.blocks = nn.ModuleList([
             self._build_block(i, dpr[i], self.window_size if i not in self.global_attn_indexes else 0)
             for i in range(self.depth)
@@ -173,8 +174,6 @@ class PlainBackbone(BaseBackbone):
             for i, (c, s) in enumerate(zip(self.pyramid.out_dims, self.pyramid.strides))
         ]
         self.min_input_size = max(self.pyramid.strides)
-        self._default_init()
-        self._freeze_stages()
 
     # ------------------------------------------------------------------ hooks for subclasses
     @property
@@ -257,8 +256,13 @@ class PlainBackbone(BaseBackbone):
         """Hook applied to the (B, P + h*w, C) sequence after block ``index`` (default: unchanged)."""
         return x
 
+    def empty_outputs(self, x: torch.Tensor):
+        outs = super().empty_outputs(x)
+        if self.output_cls_token:
+            outs = outs + (x.new_zeros((0, self.runtime_prefix_tokens, self.embed_dims)), )
+        return outs
+
     def forward(self, x: torch.Tensor):
-        self.check_input(x)
         image_hw = tuple(x.shape[-2:])
         feats, hw = self.forward_features(x)
         p = self.runtime_prefix_tokens
@@ -329,3 +333,14 @@ class PlainBackbone(BaseBackbone):
                 k = re.sub(pat, rep, k)
             out[k] = v
         return out, dropped
+
+
+#: the :class:`PlainBackbone` arguments a model passes through (all but the four it takes from its arch)
+_PLAIN_ARGUMENTS = tuple(k for k in inspect.signature(PlainBackbone.__init__).parameters
+                         if k not in ('self', 'embed_dims', 'depth', 'num_heads', 'mlp_ratio'))
+
+
+def plain_arguments(values: Mapping) -> dict:
+    """The :class:`PlainBackbone` construction arguments among ``values`` (a model's ``locals()`` in its
+    ``__init__``), so that each model lists its arguments explicitly and passes them on in one line."""
+    return {k: values[k] for k in _PLAIN_ARGUMENTS if k in values}

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import Mlp, PatchEmbed, drop_path_schedule, make_drop_path, nlc_to_nchw, resample_abs_pos_embed
+from ..layers import Mlp, PatchEmbed, make_drop_path, nlc_to_nchw, resample_abs_pos_embed
 from ..layers.sra import SpatialReductionAttention
 from ..registry import register_backbone
-from .base import BaseBackbone, init_transformer_weights, resolve_arch
+from .base import BaseBackbone, drop_path_rates, init_transformer_weights, resolve_arch
 
 _WIDE = (64, 128, 320, 512)
 _HEADS = (1, 2, 5, 8)
@@ -113,7 +113,7 @@ class _PyramidVisionTransformer(BaseBackbone):
         aux_eps = 1e-5 if layer_norm_eps is None else layer_norm_eps  # official: default-eps LN in embeds and SRA
         self.min_input_size = max(32, 4 * 2**(n - 1))
         self._set_out_indices(n)
-        dpr = drop_path_schedule(drop_path_rate, depths)
+        dpr = drop_path_rates(drop_path_rate, depths, 'linear')
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.stages = nn.ModuleList()
         self.feature_info = []
@@ -175,7 +175,6 @@ class _PyramidVisionTransformer(BaseBackbone):
         return fmap
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self.check_input(x)
         outs = []
         last = max(self.out_indices)
         for i, stage in enumerate(self.stages):
@@ -492,8 +491,6 @@ class PVTv2(_PyramidVisionTransformer):
         n = len(cfg['depths'])
         self._build(cfg, [7] + [3] * (n - 1), [4] + [2] * (n - 1), [3] + [1] * (n - 1), qkv_bias, qk_scale, drop_rate,
                     attn_drop_rate, drop_path_rate, layer_norm_eps, stage_norm=True, conv_mlp=True)
-        self._default_init()
-        self._freeze_stages()
 
 
 # ---------------------------------------------------------------------- PVT v1
@@ -583,8 +580,6 @@ class PVT(_PyramidVisionTransformer):
         if out_norm:
             for i in self.out_indices:
                 self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=self._block_eps))
-        self._default_init()
-        self._freeze_stages()
 
     def _output(self, i: int, tokens: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
         if not self.out_norm:

@@ -19,7 +19,7 @@ import torch
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..registry import register_backbone
 from .base import resolve_arch
-from .plain import PlainBackbone
+from .plain import PlainBackbone, plain_arguments
 
 _HEAD_KEYS = ('head.', 'head_dist.', 'classifier.', 'cls_classifier.', 'distillation_classifier.', 'fc_norm.',
               'pooler.', 'pre_logits.')
@@ -72,14 +72,31 @@ class ViT(PlainBackbone):
                  img_size: int = 224,
                  patch_size: int = 16,
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
+                 layer_scale: Optional[float] = None,
+                 pyramid: str = 'deconv',
+                 block_indices: Optional[Sequence[int]] = None,
+                 pyramid_norm: Optional[str] = None,
+                 pyramid_channels: Optional[int] = None,
+                 final_norm: bool = True,
+                 window_size: int = 0,
+                 global_attn_indexes: Sequence[int] = (),
+                 rel_pos: bool = False,
+                 output_cls_token: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
-                 **kwargs):
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 in_chans: int = 3,
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         self.arch_name, cfg = resolve_arch(arch, self.arch_zoo, self.model_name, self.arch_aliases)
         self._configure_prefix(cfg)
-        super().__init__(cfg['embed_dims'], cfg['depth'], cfg['num_heads'], cfg['mlp_ratio'], qkv_bias=qkv_bias,
-                         patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, **kwargs)
+        super().__init__(cfg['embed_dims'], cfg['depth'], cfg['num_heads'], cfg['mlp_ratio'],
+                         **plain_arguments(locals()))
 
     def _configure_prefix(self, cfg: dict):
         pass
