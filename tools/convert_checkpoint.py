@@ -13,8 +13,12 @@ dropped (with the reason: classification head, buffers...) and which of our para
 does not provide (they are not written; a model loading DST keeps its initialisation there, e.g. the
 per-level output norms).
 
-The file is read with ``torch.load(weights_only=True)`` (or safetensors): no code from it is ever run.
-A checkpoint of another model or another variant is refused with the reason, exit code 2.
+No code from the file is ever run (vit_backbones.checkpoint.read_checkpoint): training checkpoints
+that carry ``args`` (argparse.Namespace) or a yacs config load, those objects kept as inert records and
+listed in the report; a file that would call any other function is refused. A missing, empty, damaged
+or foreign file, a checkpoint of another model or another variant, integer tensors where the model has
+float weights, and NaN / inf values (unless --allow-nonfinite) are refused with one ``error:`` line
+naming the file, the problem and the fix, exit code 2.
 DST is a plain ``{name: tensor}`` dict (``torch.save``), or a safetensors file if DST ends in
 ``.safetensors``.
 """
@@ -22,7 +26,6 @@ import argparse
 import ast
 import os
 import os.path as osp
-import pickle
 import sys
 
 import torch
@@ -30,7 +33,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from vit_backbones import get_backbone_class  # noqa: E402
 from vit_backbones.features import parse_arch  # noqa: E402
-from vit_backbones.checkpoint import CheckpointMismatchError, load_pretrained  # noqa: E402
+from vit_backbones.checkpoint import CheckpointError, CheckpointMismatchError, load_pretrained  # noqa: E402
 
 
 def _parse_kv(items):
@@ -46,7 +49,7 @@ def _parse_kv(items):
     return out
 
 
-def convert(src, model_name: str, arch=None, model_args=None, verbose: bool = True):
+def convert(src, model_name: str, arch=None, model_args=None, verbose: bool = True, allow_nonfinite: bool = False):
     """Build the backbone, load ``src`` (path or state dict) into it; returns (state dict of the loaded
     tensors in our names, LoadReport, model)."""
     cls = get_backbone_class(model_name)
@@ -54,7 +57,7 @@ def convert(src, model_name: str, arch=None, model_args=None, verbose: bool = Tr
     if arch is not None:
         kwargs['arch'] = arch
     model = cls(**kwargs)
-    report = load_pretrained(model, src, strict=False)
+    report = load_pretrained(model, src, strict=False, allow_nonfinite=allow_nonfinite)
     own = model.state_dict()
     out = {k: own[k].detach().clone().contiguous() for k in report.loaded}
     return out, report, model
@@ -82,19 +85,20 @@ def main(argv=None) -> int:
     p.add_argument('--arch', default=None, help="variant name or a JSON dict of hyper-parameters (default: the backbone's default)")
     p.add_argument('--model-args', nargs='*', default=[], metavar='KEY=VALUE',
                    help='other construction arguments, e.g. img_size=384 window_size=12')
+    p.add_argument('--allow-nonfinite', action='store_true', help='load NaN / inf weights instead of refusing them')
     p.add_argument('--quiet', action='store_true', help='print only the summary line')
     args = p.parse_args(argv)
     try:
         model_args = _parse_kv(args.model_args)
         arch = parse_arch(args.arch)
-        sd, report, model = convert(args.src, args.model, arch, model_args)
+        sd, report, model = convert(args.src, args.model, arch, model_args, allow_nonfinite=args.allow_nonfinite)
     except KeyError as e:  # unknown backbone name
         print(f'error: {e.args[0]}', file=sys.stderr)
         return 2
     except CheckpointMismatchError as e:
-        print(f'error: refusing {args.src}: {e}', file=sys.stderr)
+        print(f'error: refusing: {e}' if args.src in str(e) else f'error: refusing {args.src}: {e}', file=sys.stderr)
         return 2
-    except (FileNotFoundError, pickle.UnpicklingError, ValueError, TypeError) as e:
+    except (CheckpointError, ValueError, TypeError) as e:  # CheckpointError: unreadable / unsafe / bad values
         print(f'error: {e}', file=sys.stderr)
         return 2
     arch_name = getattr(model, 'arch_name', arch)
