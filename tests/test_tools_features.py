@@ -233,7 +233,10 @@ def test_convert_resizes_position_embedding(tmp_path, capsys):
 
 
 class _Payload:
-    """Not a tensor: restoring it needs code from the pickle."""
+    """Not a tensor: restoring it would call a function (objects of other classes load as inert records)."""
+
+    def __reduce__(self):
+        return (os.system, ('true', ))
 
 
 def test_convert_refusals(tmp_path, capsys):
