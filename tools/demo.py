@@ -479,18 +479,7 @@ def main(argv=None):
     torch.set_num_threads(threads)
     seed_everything(args.seed)
 
-    import vit_backbones
-    try:
-        from vit_backbones.runtime import allow_mmengine_checkpoints
-    except ImportError:
-        # vit_backbones.runtime (torch>=2.6 fix for loading mmengine's own checkpoints) is not there
-        # yet; the demo saves but never loads a checkpoint, so it runs without it.
-        allow_mmengine_checkpoints = None
-    if allow_mmengine_checkpoints is not None:
-        allow_mmengine_checkpoints()
-    if args.backbone == 'ours' and 'Swin' not in vit_backbones.list_backbones():
-        sys.exit('vit_backbones has no Swin backbone registered yet; run with --backbone mmdet to use '
-                 "mmdet's SwinTransformer instead")
+    import vit_backbones  # noqa: F401  (registers our backbones and SafeCheckpointHook)
     import mmdet  # noqa: F401  (registers mmdet's modules)
     from mmengine.runner import Runner
 
