@@ -4,9 +4,9 @@ from .drop import DropPath, drop_path, drop_path_schedule, make_drop_path
 from .format import nchw_to_nhwc, nchw_to_nlc, nhwc_to_nchw, nlc_to_nchw
 from .layer_scale import LayerScale
 from .mlp import Mlp
-from .patch_embed import ConvStem, PatchEmbed
+from .patch_embed import ConvStem, PatchEmbed, pad_to_multiple  # noqa: F401
 from .pos_embed import resample_abs_pos_embed
-from .pyramid import FeaturePyramid, LayerNorm2d, make_norm2d  # noqa: F401
+from .pyramid import FeaturePyramid, LayerNorm2d, ceil_max_pool2d, make_norm2d  # noqa: F401
 from .vit_block import ViTBlock  # noqa: F401
 from .sra import SpatialReductionAttention  # noqa: F401
 from .rel_pos import RelativePositionBias, relative_position_index, resize_rel_pos_table, window_from_table_len

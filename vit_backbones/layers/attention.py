@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import tracing
+
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
                        dropout_p: float = 0., scale: Optional[float] = None, return_attn: bool = False):
@@ -103,7 +105,7 @@ def split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tens
     gradients they are made contiguous once, for the batched matmuls of :func:`explicit_attention`.
     """
     b, n, c3 = qkv.shape
-    if torch.is_grad_enabled() and qkv.requires_grad:
+    if torch.is_grad_enabled() and qkv.requires_grad and not tracing():  # traced: plain views (plain autograd)
         return _SplitHeads.apply(qkv, heads)
     return qkv.view(b, n, 3, heads, c3 // (3 * heads)).transpose(1, 3).unbind(2)
 

@@ -24,6 +24,7 @@ from typing import Tuple
 import torch
 
 from .rel_pos import resize_rel_pos_table
+from .tracing import refuse_static_trace
 
 
 def _fit_side(table: torch.Tensor, dim: int, src: int, dst: int) -> torch.Tensor:
@@ -69,6 +70,8 @@ def offset_bias_index(q_hw: Tuple[int, int], kv_hw: Tuple[int, int], stride: int
     (qh, qw), (kh, kw) = q_hw, kv_hw
     dy = (torch.arange(qh, device=device)[:, None] * stride - torch.arange(kh, device=device)[None]).abs()
     dx = (torch.arange(qw, device=device)[:, None] * stride - torch.arange(kw, device=device)[None]).abs()
+    if torch.compiler.is_compiling():  # symbolic sizes: the caller guarantees the range (no data-dependent check)
+        return dy.reshape(qh, 1, kh, 1), dx.reshape(1, qw, 1, kw)
     if qh and int(dy.max()) >= kh or qw and int(dx.max()) >= kw:
         raise ValueError(f'queries on a {q_hw} grid with stride {stride} reach outside the {kv_hw} key grid')
     return dy.reshape(qh, 1, kh, 1), dx.reshape(1, qw, 1, kw)
@@ -81,3 +84,74 @@ def gather_offset_bias(table: torch.Tensor, kv_hw: Tuple[int, int], index: Tuple
     heads = table.shape[0]
     bias = table.reshape(heads, kh, kw)[:, dy, dx]  # heads, qh, qw, kh, kw
     return bias.reshape(heads, dy.shape[0] * dx.shape[1], kh * kw)
+
+
+def _cubic(t: torch.Tensor, a: float = -0.75):
+    """The four cubic-convolution weights of taps -1, 0, 1, 2 at fraction ``t`` (PyTorch's bicubic kernel)."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def offset_axis_weights(size, table_size: int, mode: str = 'bicubic', device=None) -> torch.Tensor:
+    """(size, table_size) matrix ``W`` with ``W @ t`` the per-offset biases of one axis of a ``size``-long key
+    grid from the ``table_size`` learned offsets ``t`` of that axis, as :func:`resize_offset_bias_table`
+    computes them: the first ``size`` offsets when ``size <= table_size``; otherwise the mirrored
+    (signed-offset) axis resampled from ``2 * table_size - 1`` to ``2 * size - 1`` entries
+    (``align_corners=False``, PyTorch's interpolation weights and border clamping), folded back to its
+    non-negative half. Built from tensor operations on ``size``, so it traces with a symbolic size (one
+    graph for grids smaller and larger than the table); the choice between the two is a tensor ``where``.
+    """
+    t = int(table_size)
+    dy = torch.arange(size, device=device)
+    entries = torch.arange(t, device=device)
+    crop = (dy[:, None] == entries[None]).float()
+    # output position k-1+dy of the (2k-1)-entry signed axis, in the (2t-1)-entry source (float32, as F.interpolate)
+    src_len = 2 * t - 1
+    out_len = torch.zeros((), dtype=torch.float32, device=device) + (2 * size - 1)
+    pos = (dy + (size - 1)).float()
+    src = (src_len / out_len) * (pos + 0.5) - 0.5
+    if mode == 'bicubic':
+        base = src.floor()
+        frac = src - base
+        taps = [(base.long() + (m - 1)).clamp(0, src_len - 1) for m in range(4)]
+        weights = _cubic(frac)
+    elif mode == 'bilinear':
+        src = src.clamp(min=0)
+        base = src.floor()
+        frac = src - base
+        taps = [base.long(), (base.long() + 1).clamp(max=src_len - 1)]
+        weights = [1 - frac, frac]
+    else:
+        raise ValueError(f"offset bias resampling mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    resampled = sum(wt[:, None] * ((tap - (t - 1)).abs()[:, None] == entries[None]).float()
+                    for tap, wt in zip(taps, weights))
+    grows = (torch.zeros((), dtype=torch.long, device=device) + size) > t
+    return torch.where(grows, resampled, crop)
+
+
+def traced_offset_bias(table: torch.Tensor, table_hw: Tuple[int, int], q_hw, kv_hw, stride: int = 1,
+                       mode: str = 'bicubic') -> torch.Tensor:
+    """(heads, Nq, Nk) bias from a (heads, th*tw) table for queries on a ``stride`` sub-grid of a ``kv_hw``
+    key grid, with tensor operations only (sizes may be symbolic): :func:`offset_axis_weights` per axis,
+    then the offset gather. Equals :func:`resize_offset_bias_table` + :func:`gather_offset_bias` (exactly
+    where the grid fits the table; to float rounding where it is resampled, separably per axis)."""
+    th, tw = (int(s) for s in table_hw)
+    kh, kw = kv_hw
+    heads = table.shape[0]
+    t = table.reshape(heads, th, tw).float()
+    wy = offset_axis_weights(kh, th, mode, table.device)
+    wx = offset_axis_weights(kw, tw, mode, table.device)
+    fitted = torch.matmul(torch.matmul(wy, t), wx.t()).to(table.dtype)  # heads, kh, kw
+    dy, dx = offset_bias_index(q_hw, kv_hw, stride, table.device)
+    bias = fitted[:, dy, dx]  # heads, qh, qw, kh, kw
+    return bias.reshape(heads, dy.shape[0] * dx.shape[1], kh * kw)
+
+
+def check_offset_bias_traceable():
+    """Refuse a torch.jit trace: the crop-or-resample choice and the indices depend on the grid size."""
+    refuse_static_trace('the attention-bias indices and the crop/resampling of the bias tables')

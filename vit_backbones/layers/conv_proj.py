@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attention import scaled_dot_product
+from .tracing import dense_map
 
 
 class QuickGELU(nn.Module):
@@ -90,7 +91,7 @@ class ConvProjectionAttention(nn.Module):
         if n != num_prefix_tokens + h * w:
             raise ValueError(f'expected {num_prefix_tokens} prefix tokens + a {h}x{w} grid, got {n} tokens')
         prefix, grid = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-        grid = grid.transpose(1, 2).reshape(b, c, h, w)
+        grid = dense_map(grid.transpose(1, 2).reshape(b, c, h, w))
         q, k, v = self.conv_proj_q(grid), self.conv_proj_k(grid), self.conv_proj_v(grid)
         if num_prefix_tokens:
             q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import dense_map, tracing
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
@@ -72,7 +74,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         if (self.dwconv is None and type(self.act) is nn.GELU and isinstance(self.drop, nn.Identity)
-                and torch.is_grad_enabled()):
+                and torch.is_grad_enabled() and not tracing()):  # traced: the module chain (plain autograd)
             return _LinearGeluLinear.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                            self.act.approximate)
         x = self.fc1(x)
@@ -80,6 +82,6 @@ class Mlp(nn.Module):
             if hw is None:
                 raise ValueError('Mlp with dwconv needs the token grid size hw=(H, W)')
             b, n, c = x.shape
-            x = self.dwconv(x.transpose(1, 2).reshape(b, c, *hw)).flatten(2).transpose(1, 2)
+            x = self.dwconv(dense_map(x.transpose(1, 2).reshape(b, c, *hw))).flatten(2).transpose(1, 2)
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))

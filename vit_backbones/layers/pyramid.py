@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import ceil_div, dense_map, pad_amount, refuse_static_trace, symbolic_tracing
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of an NCHW map."""
@@ -46,7 +48,32 @@ def make_norm2d(kind: str, channels: int) -> nn.Module:
 
 
 def _crop(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    if symbolic_tracing():
+        # no branch on the sizes; a gather of the first rows/columns, whose output size is ``size`` without
+        # any relation between the symbolic sizes to prove (a slice would need ``size <= x.shape``)
+        x = x.index_select(-2, torch.arange(size[0], device=x.device))
+        return x.index_select(-1, torch.arange(size[1], device=x.device))
+    refuse_static_trace('the crop of the pyramid levels')
     return x if tuple(x.shape[-2:]) == tuple(size) else x[..., :size[0], :size[1]].contiguous()
+
+
+def ceil_max_pool2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.max_pool2d(x, k, k, ceil_mode=True)``; traced, the same as a max pool over the map padded with
+    -inf at the bottom/right to a multiple of ``k`` (ceil mode's output-size rule branches on the size)."""
+    if not symbolic_tracing():
+        return F.max_pool2d(x, k, k, ceil_mode=True)
+    x = F.pad(x, (0, pad_amount(x.shape[-1], k), 0, pad_amount(x.shape[-2], k)), value=float('-inf'))
+    return F.max_pool2d(x, k, k)
+
+
+class _CeilMaxPool(nn.MaxPool2d):
+    """``MaxPool2d(k, k, ceil_mode=True)`` through :func:`ceil_max_pool2d`."""
+
+    def __init__(self, k: int):
+        super().__init__(k, k, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ceil_max_pool2d(x, self.kernel_size)
 
 
 class FeaturePyramid(nn.Module):
@@ -110,7 +137,7 @@ class FeaturePyramid(nn.Module):
         if scale == 1:
             return nn.Identity(), c
         k = int(round(1 / scale))
-        return nn.MaxPool2d(k, k, ceil_mode=True), c
+        return _CeilMaxPool(k), c
 
     def forward(self, maps: Sequence[torch.Tensor], image_hw: Tuple[int, int]) -> List[Optional[torch.Tensor]]:
         """``maps``: one NCHW map per level (mode 'deconv'; None for levels not built) or a single map
@@ -124,6 +151,7 @@ class FeaturePyramid(nn.Module):
             if i not in self.levels:
                 out.append(None)
                 continue
-            size = (-(-image_hw[0] // stride), -(-image_hw[1] // stride))
+            size = (ceil_div(image_hw[0], stride), ceil_div(image_hw[1], stride))
+            x = dense_map(x)
             out.append(_crop(branch(x), size))
         return out

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .attention import scaled_dot_product
+from .tracing import dense_map
 
 
 class SpatialReductionAttention(nn.Module):
@@ -69,7 +70,7 @@ class SpatialReductionAttention(nn.Module):
             return x
         if n != hw[0] * hw[1]:
             raise ValueError(f'spatial reduction needs exactly the {hw[0]}x{hw[1]} grid tokens, got {n}')
-        m = x.transpose(1, 2).reshape(b, c, *hw)
+        m = dense_map(x.transpose(1, 2).reshape(b, c, *hw))
         if self.pool is not None:
             m = self.pool(m)
         m = self.norm(self.sr(m).flatten(2).transpose(1, 2))

@@ -1,15 +1,22 @@
-"""Window partitioning for (shifted-)window attention on NHWC maps.
+"""Window partitioning for (shifted-, shuffled-)window attention on NHWC maps and raster tokens.
 
 The maps are padded at the bottom/right to a multiple of the window *before* any cyclic shift, and
 the shift mask is built on the padded size: the convention of the official Swin detection and
-segmentation code, mmdet and HF transformers. Masks are cached per (padded size, window, shift,
-device, dtype), so a forward pass builds each mask once, not once per block.
+segmentation code, mmdet and HF transformers.
+
+Everything here is computed with tensor operations on the sizes (``arange``, ``%``, ``//``, comparisons),
+with no Python branch on their values, so the same code traces symbolically (torch.compile,
+torch.export, ONNX dynamo export: one graph for every input size). In eager mode the results are cached
+per (size, window, shift, device[, dtype]), so a forward pass builds each plan and mask once, not once
+per block; tracing never goes through those caches (:func:`get_window_plan`, :func:`get_shift_mask`).
 """
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .tracing import ceil_div, pad_amount, refuse_static_trace, symbolic_tracing, tracing
 
 
 def pad_to_window(x: torch.Tensor, window: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -18,8 +25,10 @@ def pad_to_window(x: torch.Tensor, window: Tuple[int, int]) -> Tuple[torch.Tenso
     Returns the padded map and the padding ``(pad_h, pad_w)``.
     """
     _, h, w, _ = x.shape
-    pad_h = (window[0] - h % window[0]) % window[0]
-    pad_w = (window[1] - w % window[1]) % window[1]
+    pad_h, pad_w = pad_amount(h, window[0]), pad_amount(w, window[1])
+    if symbolic_tracing():
+        return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), (pad_h, pad_w)
+    refuse_static_trace('the window padding')
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x, (pad_h, pad_w)
@@ -42,7 +51,26 @@ def window_reverse(windows: torch.Tensor, window: Tuple[int, int], hw: Tuple[int
     return x.reshape(b, h, w, c)
 
 
-@lru_cache(maxsize=64)
+def _mod(t: torch.Tensor, n) -> torch.Tensor:
+    """``t % n`` for a non-negative integer tensor and a size ``n`` that may be symbolic, written as
+    ``t - (t // n) * n`` (the ONNX exporter cannot take a remainder by a symbolic scalar)."""
+    return t % n if isinstance(n, int) else t - (t // n) * n
+
+
+def _shift_mask(hw, window, shift, device, dtype, fill: float) -> torch.Tensor:
+    h, w = hw
+    # bands [0, H-wh), [H-wh, H-sh), [H-sh, H) per axis, numbered 0, 1, 2 (band 2 is empty without a shift)
+    band_r = (torch.arange(h, device=device) >= h - window[0]).long() + (torch.arange(h, device=device) >= h - shift[0]).long()
+    band_c = (torch.arange(w, device=device) >= w - window[1]).long() + (torch.arange(w, device=device) >= w - shift[1]).long()
+    region = (band_r.view(1, h, 1, 1) * 3 + band_c.view(1, 1, w, 1))
+    win = window_partition(region, window).squeeze(0).squeeze(-1)  # (nW, N)
+    mask = win.unsqueeze(1) != win.unsqueeze(2)
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, fill)
+
+
+_cached_shift_mask = lru_cache(maxsize=64)(_shift_mask)
+
+
 def shifted_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
                         device: torch.device, dtype: torch.dtype, fill: float = -100.) -> torch.Tensor:
     """Additive mask (num_windows, N, N) for attention over cyclically shifted windows.
@@ -50,82 +78,163 @@ def shifted_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tup
     A padded map of size ``hw`` is split into three bands per axis: ``[0, H-wh)``, ``[H-wh, H-sh)`` and
     ``[H-sh, H)``. After the shift, tokens of one window that came from different bands must not attend
     to each other: such pairs get ``fill`` (-100, as the reference implementations use), others 0.
-    The result is cached; do not modify it in place.
+    In eager mode the result is cached; do not modify it in place.
     """
-    h, w = hw
-    region = torch.zeros(1, h, w, 1, device=device)
-    ids = 0
-    for hs in (slice(0, h - window[0]), slice(h - window[0], h - shift[0]), slice(h - shift[0], h)):
-        for ws in (slice(0, w - window[1]), slice(w - window[1], w - shift[1]), slice(w - shift[1], w)):
-            region[:, hs, ws, :] = ids
-            ids += 1
-    win = window_partition(region, window).squeeze(0).squeeze(-1)  # (nW, N)
-    mask = win.unsqueeze(1) - win.unsqueeze(2)
-    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, fill)
+    if symbolic_tracing():
+        return _shift_mask(tuple(hw), tuple(window), tuple(shift), device, dtype, fill)
+    if torch.jit.is_tracing():
+        refuse_static_trace('the shifted-window mask')
+        return _shift_mask(tuple(int(s) for s in hw), tuple(window), tuple(shift), device, dtype, fill)
+    return _cached_shift_mask(tuple(hw), tuple(window), tuple(shift), device, dtype, fill)
 
 
 class WindowPlan:
-    """Index maps between a raster token sequence (B, H*W, C) and (shifted, padded) windows.
+    """Index maps between a raster token sequence (B, H*W, C) and (shifted or shuffled, padded) windows.
 
     ``gather`` holds, for every window slot, the raster index of its token (padding slots point to
-    token 0 and are listed in ``pad_slots``); ``scatter`` holds, for every raster token, its window
-    slot. Padding, cyclic shift and partition (and their inverses) thereby become one gather each way,
-    and the backward of each is the other gather.
+    token 0); ``pad_mask`` is True at the padding slots, which eager code also has as the index list
+    ``pad_slots`` (None when nothing is padded; traced code always uses ``pad_mask``);
+    ``scatter`` holds, for every raster token, its window slot. Padding, cyclic shift and partition (and
+    their inverses) thereby become one gather each way, and the backward of each is the other gather.
+
+    Regular windows (``shuffled=False``, Swin and ViTDet) hold neighbouring tokens, after a cyclic shift
+    by ``shift`` (a roll by ``-shift``) of the padded map. Shuffled windows (Shuffle Transformer) hold,
+    at window (a, b) and position (i, j), the token at row ``i * Hp/wh + a`` and column ``j * Wp/ww + b``.
+
+    Every map is computed with tensor operations on the sizes, which may be symbolic, and every tensor
+    is indexed by window slot (length nW*N) or by token (length H*W): none has an axis of windows alone,
+    whose length is 1 at common sizes (Swin's last stage up to 224 px), which would make torch.export
+    specialise on it.
     """
 
-    def __init__(self, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], device: torch.device):
+    def __init__(self, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int] = (0, 0),
+                 device: Optional[torch.device] = None, shuffled: bool = False):
         h, w = hw
         wh, ww = window
-        hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
-        self.hw, self.window, self.padded_hw = (h, w), (wh, ww), (hp, wp)
-        self.num_windows = (hp // wh) * (wp // ww)
+        nh, nw = ceil_div(h, wh), ceil_div(w, ww)
+        hp, wp = nh * wh, nw * ww
+        self.hw, self.window, self.padded_hw, self.shift = (h, w), (wh, ww), (hp, wp), tuple(shift)
+        self.num_windows = nh * nw
+        self.shuffled = shuffled
+        rows, cols = self.slot_coords(device)
         # window slot -> coordinates in the shifted padded map -> source coordinates (the shift is a roll by -s)
-        r = torch.arange(hp).view(hp // wh, wh)
-        c = torch.arange(wp).view(wp // ww, ww)
-        rr = r[:, None, :, None].expand(hp // wh, wp // ww, wh, ww).reshape(-1)
-        cc = c[None, :, None, :].expand(hp // wh, wp // ww, wh, ww).reshape(-1)
-        src_r, src_c = (rr + shift[0]) % hp, (cc + shift[1]) % wp
+        src_r, src_c = _mod(rows + shift[0], hp), _mod(cols + shift[1], wp)
         valid = (src_r < h) & (src_c < w)
-        gather = torch.where(valid, src_r * w + src_c, torch.zeros_like(src_r))
-        scatter = torch.empty(h * w, dtype=torch.long)
-        scatter[gather[valid]] = torch.nonzero(valid).squeeze(1)
-        self.gather = gather.to(device)
-        self.scatter = scatter.to(device)
-        self.pad_slots = torch.nonzero(~valid).squeeze(1).to(device) if not valid.all() else None
+        self.gather = torch.where(valid, src_r * w + src_c, 0)
+        self.pad_mask = ~valid
+        # raster token -> its position in the shifted padded map -> its window slot
+        t = torch.arange(h * w, device=device)
+        pr, pc = _mod(t // w + (hp - shift[0]), hp), _mod(_mod(t, w) + (wp - shift[1]), wp)  # (r - shift) mod hp
+        (wr, ir), (wc, jc) = ((_mod(pr, nh), pr // nh), (_mod(pc, nw), pc // nw)) if shuffled else (
+            (pr // wh, pr % wh), (pc // ww, pc % ww))
+        self.scatter = ((wr * nw + wc) * wh + ir) * ww + jc
+        self.pad_slots = None
+        if not tracing() and bool(self.pad_mask.any()):
+            self.pad_slots = torch.nonzero(self.pad_mask).squeeze(1)
+
+    @property
+    def window_area(self) -> int:
+        return self.window[0] * self.window[1]
+
+    def slot_coords(self, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) in the (shifted) padded map of every window slot, each of length nW*N."""
+        wh, ww = self.window
+        nh, nw = self.padded_hw[0] // wh, self.padded_hw[1] // ww
+        s = torch.arange(self.num_windows * wh * ww, device=device)
+        win, pos = s // (wh * ww), s % (wh * ww)
+        a, b, i, j = win // nw, _mod(win, nw), pos // ww, pos % ww
+        return (i * nh + a, j * nw + b) if self.shuffled else (a * wh + i, b * ww + j)
+
+    def window_keys(self, device=None) -> torch.Tensor:
+        """(nW*N, N): for every window slot, the slots of its window (the keys its query attends to)."""
+        n = self.window_area
+        s = torch.arange(self.num_windows * n, device=device)
+        return (s // n * n).unsqueeze(1) + torch.arange(n, device=device)
 
 
-@lru_cache(maxsize=64)
+_cached_plan = lru_cache(maxsize=128)(WindowPlan)
+
+
+def get_window_plan(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int] = (0, 0),
+                    device: Optional[torch.device] = None, shuffled: bool = False) -> WindowPlan:
+    """A :class:`WindowPlan`: cached per size in eager mode, built in the graph under symbolic tracing."""
+    if symbolic_tracing():
+        return WindowPlan(tuple(hw), tuple(window), tuple(shift), device, shuffled)
+    if torch.jit.is_tracing():  # fixed_size_trace(): the plan is a constant of the graph
+        refuse_static_trace('the window partition (which token sits in which window)')
+        return WindowPlan(tuple(int(s) for s in hw), tuple(window), tuple(shift), device, shuffled)
+    return _cached_plan(tuple(hw), tuple(window), tuple(shift), device, shuffled)
+
+
 def window_plan(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], device: torch.device) -> WindowPlan:
-    """Cached :class:`WindowPlan` for a map size, window and shift."""
-    return WindowPlan(hw, window, shift, device)
+    """A regular (shifted) :class:`WindowPlan` for a map size, window and shift (see :func:`get_window_plan`)."""
+    return get_window_plan(hw, window, shift, device)
 
 
-def _take(x: torch.Tensor, index: torch.Tensor, zero_slots) -> torch.Tensor:
-    out = x.index_select(1, index)
-    if zero_slots is not None:
-        out.index_fill_(1, zero_slots, 0)
-    return out
+def key_padding_mask(plan: WindowPlan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask, -inf on padding key slots and 0 elsewhere: (num_windows, 1, N) in eager mode;
+    traced, (num_windows * N, N) (one row per query slot: no axis of windows alone)."""
+    device = plan.gather.device
+    if tracing():
+        pad = plan.pad_mask[plan.window_keys(device)]
+    else:
+        pad = plan.pad_mask.view(plan.num_windows, 1, plan.window_area)
+    return torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill(pad, float('-inf'))
+
+
+def shift_mask(plan: WindowPlan, dtype: torch.dtype = torch.float32, fill: float = -100.) -> torch.Tensor:
+    """:func:`shifted_window_mask` for the windows of ``plan``: (num_windows, N, N), cached, in eager mode;
+    traced, (num_windows * N, N) rows per query slot, computed from the slot coordinates."""
+    if not tracing():
+        return shifted_window_mask(plan.padded_hw, plan.window, plan.shift, plan.gather.device, dtype, fill)
+    device = plan.gather.device
+    (hp, wp), (wh, ww), (sh, sw) = plan.padded_hw, plan.window, plan.shift
+    rows, cols = plan.slot_coords(device)
+    region = ((rows >= hp - wh).long() + (rows >= hp - sh).long()) * 3 + (cols >= wp - ww).long() + (cols >= wp - sw).long()
+    differ = region.unsqueeze(1) != region[plan.window_keys(device)]
+    return torch.zeros(differ.shape, dtype=dtype, device=device).masked_fill(differ, fill)
+
+
+def zero_pad_slots(x: torch.Tensor, plan: WindowPlan, dim: int, value=0.) -> torch.Tensor:
+    """``x`` with its window slots along ``dim`` that are padding set to ``value`` (a scalar, or a tensor
+    that broadcasts against ``x``); in place in eager mode, out of place when traced."""
+    if tracing():
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        return torch.where(plan.pad_mask.view(shape), torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
+    if plan.pad_slots is None:
+        return x
+    if isinstance(value, torch.Tensor):
+        shape = list(x.shape)
+        shape[dim] = plan.pad_slots.numel()
+        return x.index_copy_(dim, plan.pad_slots, value.to(x.dtype).expand(shape))
+    return x.index_fill_(dim, plan.pad_slots, value)
 
 
 class _TokenGather(torch.autograd.Function):
-    """out = x[:, index] with ``zero_slots`` of out set to 0. Every source token lands in exactly one
-    non-zero slot, so the gradient is again a gather (``back_index``, zeroing ``back_zero_slots``)
-    rather than a scatter-add."""
+    """out = x[:, index] with the padding slots of out set to 0 (``zero_out``: the plan whose padding
+    slots are zeroed, or None). Every source token lands in exactly one non-padding slot, so the
+    gradient is again a gather (``back_index``, zeroing ``back_zero``'s padding) rather than a scatter-add."""
 
     @staticmethod
-    def forward(ctx, x, index, zero_slots, back_index, back_zero_slots):
-        ctx.back_index, ctx.back_zero_slots = back_index, back_zero_slots
-        return _take(x, index, zero_slots)
+    def forward(ctx, x, index, zero_out, back_index, back_zero):
+        ctx.back_index, ctx.back_zero = back_index, back_zero
+        out = x.index_select(1, index)
+        return out if zero_out is None else zero_pad_slots(out, zero_out, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _take(grad, ctx.back_index, ctx.back_zero_slots), None, None, None, None
+        out = grad.index_select(1, ctx.back_index)
+        return (out if ctx.back_zero is None else zero_pad_slots(out, ctx.back_zero, 1)), None, None, None, None
 
 
 def tokens_to_windows(x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     """(B, H*W, C) raster tokens -> (B * num_windows, N, C) windows (zero tokens in the padding)."""
     b, _, c = x.shape
-    out = _TokenGather.apply(x, plan.gather, plan.pad_slots, plan.scatter, None)
+    if tracing():  # plain differentiable ops
+        out = zero_pad_slots(x.index_select(1, plan.gather), plan, 1)
+    else:
+        out = _TokenGather.apply(x, plan.gather, plan, plan.scatter, None)
     return out.view(b * plan.num_windows, plan.window[0] * plan.window[1], c)
 
 
@@ -134,4 +243,6 @@ def windows_to_tokens(windows: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     c = windows.shape[-1]
     b = windows.shape[0] // plan.num_windows
     y = windows.reshape(b, -1, c)
-    return _TokenGather.apply(y, plan.scatter, None, plan.gather, plan.pad_slots)
+    if tracing():
+        return y.index_select(1, plan.scatter)
+    return _TokenGather.apply(y, plan.scatter, None, plan.gather, plan)

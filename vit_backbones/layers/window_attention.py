@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from .attention import Attention, explicit_attention
 from .rel_pos import RelativePositionBias
-from .window import WindowPlan
+from .tracing import tracing
+from .window import WindowPlan, zero_pad_slots
 
 
 def _combined_bias(rel: Optional[torch.Tensor], mask: Optional[torch.Tensor], num_windows: int,
@@ -45,13 +46,8 @@ def _gather_qkv(qkv: torch.Tensor, plan: WindowPlan, heads: int, qkv_bias: Optio
     b, n, c3 = qkv.shape
     d = c3 // (3 * heads)
     out = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).index_select(3, plan.gather)
-    if plan.pad_slots is not None:
-        if qkv_bias is None:
-            out.index_fill_(3, plan.pad_slots, 0.)
-        else:
-            fill = qkv_bias.detach().to(out.dtype).view(3, 1, heads, 1, d)
-            out.index_copy_(3, plan.pad_slots, fill.expand(3, b, heads, plan.pad_slots.numel(), d))
-    return out
+    fill = 0. if qkv_bias is None else qkv_bias.detach().to(out.dtype).view(3, 1, heads, 1, d)
+    return zero_pad_slots(out, plan, 3, fill)
 
 
 def _row_index(plan: WindowPlan, kind: str, batch: int, heads: int) -> torch.Tensor:
@@ -80,6 +76,8 @@ def _row_index(plan: WindowPlan, kind: str, batch: int, heads: int) -> torch.Ten
 
 def _scatter_out(out: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     b, heads, _, d = out.shape
+    if tracing():  # no size-keyed cache: a plain gather, heads merged after it
+        return out.index_select(2, plan.scatter).transpose(1, 2).reshape(b, -1, heads * d)
     rows = out.contiguous().view(-1, d).index_select(0, _row_index(plan, 'out', b, heads))
     return rows.view(b, -1, heads * d)
 
@@ -117,9 +115,7 @@ class _WindowsToTokens(torch.autograd.Function):
         plan = ctx.plan
         b, n, c = grad.shape
         g = grad.view(b, n, ctx.heads, c // ctx.heads).permute(0, 2, 1, 3).index_select(2, plan.gather)
-        if plan.pad_slots is not None:
-            g.index_fill_(2, plan.pad_slots, 0.)
-        return g, None
+        return zero_pad_slots(g, plan, 2), None
 
 
 class _WindowSoftmaxAttention(torch.autograd.Function):
@@ -194,6 +190,8 @@ def window_attention(qkv: torch.Tensor,
         raise ValueError(f'qkv {tuple(qkv.shape)} does not fit a {plan.hw} map with {num_heads} heads')
     nw, n = plan.num_windows, plan.window[0] * plan.window[1]
     d = c3 // (3 * num_heads)
+    if tracing():
+        return _traced_window_attention(qkv, plan, num_heads, scale, rel_bias, mask, qkv_bias, dropout_p)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (qkv, rel_bias, qkv_bias))
     learned_bias = needs_grad and rel_bias is not None and rel_bias.requires_grad
@@ -206,21 +204,49 @@ def window_attention(qkv: torch.Tensor,
         out = explicit_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), dropout_p, scale)
     else:  # no bias gradient needed: the fused kernel (with its fused backward in training)
         q, k, v = qkvw.unbind(0)
-        bias = _combined_bias(rel_bias, mask, nw, n)
-        if bias is not None and bias.shape[1] == nw:  # (heads|1, nW, N, N): windows x heads as one batch dim
-            q, k, v = (t.view(b, -1, n, d) for t in (q, k, v))
-            bias = bias.expand(num_heads, nw, n, n).reshape(1, num_heads * nw, n, n)
-        else:  # (heads, 1, N, N) or none: batch x heads as the batch dim, windows as the "heads" dim
-            q, k, v = (t.view(b * num_heads, nw, n, d) for t in (q, k, v))
-            if bias is not None:
-                bias = bias.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * num_heads, 1, n, n)
-        if bias is not None and bias.dtype != q.dtype:
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        out = _fused_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), mask is not None, nw, n,
+                               dropout_p, scale)
         if not needs_grad:
             return _scatter_out(out.view(b, num_heads, nw * n, d), plan)
     out = out.reshape(b, num_heads, nw * n, d)
     return _WindowsToTokens.apply(out, plan)
+
+
+def _traced_window_attention(qkv, plan, num_heads, scale, rel_bias, mask, qkv_bias, dropout_p):
+    """:func:`window_attention` as traced (compile / export): plain differentiable ops (SDPA also gives the
+    gradient of a learned bias), one graph for every size, and no tensor with an axis of windows alone
+    (windows are merged with the heads: (B, heads*nW, N, d)); ``mask`` is (nW*N, N), one row per query slot."""
+    b = qkv.shape[0]
+    nw, n = plan.num_windows, plan.window_area
+    q, k, v = _gather_qkv(qkv, plan, num_heads, qkv_bias).unbind(0)  # (B, heads, nW*N, d) each
+    d = q.shape[-1]
+    q, k, v = (t.reshape(b, num_heads * nw, n, d) for t in (q, k, v))
+    bias = None
+    if rel_bias is not None:
+        bias = rel_bias.repeat(1, nw, 1)  # (heads, nW*N, N)
+    if mask is not None:
+        bias = mask.unsqueeze(0).expand(num_heads, -1, -1) if bias is None else bias + mask
+    if bias is not None:
+        bias = bias.reshape(1, num_heads * nw, n, n).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    return _scatter_out(out.reshape(b, num_heads, nw * n, d), plan)
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                     per_window: bool, nw, n: int, dropout_p: float, scale: float) -> torch.Tensor:
+    """SDPA inside the windows of (B, heads, nW*N, d) q, k, v; ``bias`` from :func:`_combined_bias`,
+    ``per_window`` when it has a window axis (a mask)."""
+    b, heads, _, d = q.shape
+    if per_window:  # (heads|1, nW, N, N): windows x heads as one batch dim
+        q, k, v = (t.reshape(b, heads * nw, n, d) for t in (q, k, v))
+        bias = bias.expand(heads, nw, n, n).reshape(1, heads * nw, n, n)
+    else:  # (heads, 1, N, N) or none: batch x heads as the batch dim, windows as the "heads" dim
+        q, k, v = (t.reshape(b * heads, nw, n, d) for t in (q, k, v))
+        if bias is not None:
+            bias = bias.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * heads, 1, n, n)
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
 class WindowAttention(Attention):

@@ -43,7 +43,9 @@ from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
-from ..layers.attention_bias import gather_offset_bias, offset_bias_index, resize_offset_bias_table
+from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
+                                     resize_offset_bias_table, traced_offset_bias)
+from ..layers.tracing import symbolic_tracing
 from ..registry import register_backbone
 from .base import _BN_TYPES, BaseBackbone, resolve_arch
 
@@ -107,6 +109,9 @@ class _OffsetBias(nn.Module):
     def attention_bias(self, q_hw: Tuple[int, int], kv_hw: Tuple[int, int], stride: int,
                        device: torch.device) -> torch.Tensor:
         """(heads, Nq, Nk) bias for queries on a ``stride`` sub-grid of a ``kv_hw`` key grid."""
+        if symbolic_tracing():  # sizes may be symbolic: no size-keyed cache, no Python choice crop/resample
+            return traced_offset_bias(self.attention_biases, self.table_hw, q_hw, kv_hw, stride, self.bias_interpolation)
+        check_offset_bias_traceable()
         key = (tuple(q_hw), tuple(kv_hw), stride, str(device))
         index = self._index_cache.get(key)
         if index is None:
@@ -161,9 +166,10 @@ class ShrinkAttention(_OffsetBias):
         b, n, c = x.shape
         h, w = hw
         s = self.stride
-        q_hw = (-(-h // s), -(-w // s))
         k, v = self.kv(x).view(b, n, self.num_heads, -1).transpose(1, 2).split([self.key_dim, self.val_dim], dim=-1)
-        xq = x.reshape(b, h, w, c)[:, ::s, ::s].reshape(b, -1, c)
+        xq = x.reshape(b, h, w, c)[:, ::s, ::s]
+        q_hw = tuple(xq.shape[1:3])  # ceil(h / s) x ceil(w / s), as the slice computes it (one symbolic form)
+        xq = xq.reshape(b, -1, c)
         q = self.q(xq).view(b, -1, self.num_heads, self.key_dim).transpose(1, 2)
         bias = self.attention_bias(q_hw, hw, s, x.device).unsqueeze(0)
         out = scaled_dot_product(q, k, v, bias, scale=self.scale)

@@ -43,52 +43,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import Mlp, WindowAttention, WindowPlan, make_drop_path, window_plan
+from ..layers import Mlp, WindowAttention, WindowPlan, make_drop_path
+from ..layers.tracing import pad_amount, refuse_static_trace, symbolic_tracing, tracing
+from ..layers.window import get_window_plan, key_padding_mask
 from ..registry import register_backbone
 from .base import BaseBackbone, init_transformer_weights, resolve_arch
 
 
 # ---------------------------------------------------------------------------------------------- windows
-class ShuffledWindowPlan(WindowPlan):
-    """:class:`WindowPlan` (same ``gather`` / ``scatter`` / ``pad_slots`` interface, so
-    ``tokens_to_windows`` / ``windows_to_tokens`` apply) for *shuffled* windows on the bottom/right
-    zero-padded map: slot (window (a, b), position (i, j)) holds the token at row ``i * Hp/wh + a`` and
-    column ``j * Wp/ww + b``."""
-
-    def __init__(self, hw: Tuple[int, int], window: Tuple[int, int], device: torch.device):  # noqa: super not called
-        h, w = hw
-        wh, ww = window
-        hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
-        nh, nw = hp // wh, wp // ww
-        self.hw, self.window, self.padded_hw = (h, w), (wh, ww), (hp, wp)
-        self.num_windows = nh * nw
-        a = torch.arange(nh).view(nh, 1, 1, 1)
-        b = torch.arange(nw).view(1, nw, 1, 1)
-        i = torch.arange(wh).view(1, 1, wh, 1)
-        j = torch.arange(ww).view(1, 1, 1, ww)
-        rows = (i * nh + a).expand(nh, nw, wh, ww).reshape(-1)
-        cols = (j * nw + b).expand(nh, nw, wh, ww).reshape(-1)
-        valid = (rows < h) & (cols < w)
-        gather = torch.where(valid, rows * w + cols, torch.zeros_like(rows))
-        scatter = torch.empty(h * w, dtype=torch.long)
-        scatter[gather[valid]] = torch.nonzero(valid).squeeze(1)
-        self.gather = gather.to(device)
-        self.scatter = scatter.to(device)
-        self.pad_slots = torch.nonzero(~valid).squeeze(1).to(device) if not valid.all() else None
+def _plan_and_mask(hw: Tuple[int, int], window: int, shuffle: bool,
+                   device: torch.device) -> Tuple[WindowPlan, Optional[torch.Tensor]]:
+    plan = get_window_plan(hw, (window, window), (0, 0), device, shuffled=shuffle)
+    if not tracing() and plan.pad_slots is None:
+        return plan, None
+    # traced: the mask is always there (all zeros where nothing is padded): no branch on the size
+    return plan, key_padding_mask(plan)
 
 
-@lru_cache(maxsize=64)
+_cached_plan_and_mask = lru_cache(maxsize=64)(_plan_and_mask)
+
+
 def shuffle_window_plan(hw: Tuple[int, int], window: int, shuffle: bool,
                         device: torch.device) -> Tuple[WindowPlan, Optional[torch.Tensor]]:
-    """Cached (plan, key mask) for a map size: the mask is (num_windows, 1, N), -inf on padded key slots
-    and 0 elsewhere, or None when nothing is padded. Do not modify the results in place."""
-    win = (window, window)
-    plan = ShuffledWindowPlan(hw, win, device) if shuffle else window_plan(hw, win, (0, 0), device)
-    if plan.pad_slots is None:
-        return plan, None
-    mask = torch.zeros(plan.num_windows * window * window, device=device)
-    mask[plan.pad_slots] = float('-inf')
-    return plan, mask.view(plan.num_windows, 1, window * window)
+    """(plan, key mask) for a map size: regular or shuffled windows on the bottom/right zero-padded map
+    (:class:`~vit_backbones.layers.window.WindowPlan`); the mask is (num_windows, 1, N), -inf on padded key
+    slots and 0 elsewhere, or None when nothing is padded. Cached in eager mode (do not modify the results
+    in place); built in the graph when traced."""
+    if tracing():
+        return _plan_and_mask(tuple(hw), window, shuffle, device)
+    return _cached_plan_and_mask(tuple(hw), window, shuffle, device)
 
 
 def _bn_nhwc(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +109,9 @@ class ShufflePatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[1:3]
         y = self.norm(x.permute(0, 3, 1, 2))
-        if h % 2 or w % 2:
-            y = F.pad(y, (0, w % 2, 0, h % 2))
+        refuse_static_trace('the patch-merging padding')
+        if symbolic_tracing() or h % 2 or w % 2:  # traced: no branch on the sizes (a zero-width pad is a no-op)
+            y = F.pad(y, (0, pad_amount(w, 2), 0, pad_amount(h, 2)))
         return self.reduction(y).permute(0, 2, 3, 1)
 
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import (Mlp, PatchEmbed, WindowAttention, drop_path_schedule, make_drop_path, shifted_window_mask,
-                      window_plan)
+from ..layers import Mlp, PatchEmbed, WindowAttention, drop_path_schedule, make_drop_path, window_plan
+from ..layers.tracing import ceil_div, is_symbolic, refuse_static_trace, symbolic_tracing
+from ..layers.window import shift_mask
 from ..registry import register_backbone
 from .base import BaseBackbone, resolve_arch
 
@@ -40,13 +41,19 @@ class SwinBlock(nn.Module):
 
     def _attend(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         ws, shift = self.window_size, self.shift_size
+        if self.clamp_window:
+            if is_symbolic(*hw):
+                raise RuntimeError('Swin(clamp_window=True) chooses the window from the map size, which a graph with '
+                                   'symbolic sizes cannot do; export it with static shapes, or use clamp_window=False '
+                                   '(the detection rule, the same whenever every map exceeds the window)')
+            refuse_static_trace('the clamped window size')
         if self.clamp_window and min(hw) <= ws:
             # the classification model's rule: one window covers the map, no shift
             ws, shift = min(hw), 0
         window = (ws, ws)
-        # pad (bottom/right) -> cyclic shift -> partition, as one cached gather
+        # pad (bottom/right) -> cyclic shift -> partition, as one gather (cached per size in eager mode)
         plan = window_plan(tuple(hw), window, (shift, shift), x.device)
-        mask = shifted_window_mask(plan.padded_hw, window, (shift, shift), x.device, torch.float32) if shift else None
+        mask = shift_mask(plan) if shift else None
         return self.attn(x, plan, mask)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -70,11 +77,12 @@ class PatchMerging(nn.Module):
         b, _, c = x.shape
         h, w = hw
         x = x.view(b, h, w, c)
-        if h % 2 or w % 2:
-            x = nn.functional.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-            h, w = h + h % 2, w + w % 2
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-        return self.reduction(self.norm(x)), (h // 2, w // 2)
+        refuse_static_trace('the patch-merging padding')
+        h2, w2 = ceil_div(h, 2), ceil_div(w, 2)
+        if symbolic_tracing() or h % 2 or w % 2:  # traced: no branch on the sizes (a zero-width pad is a no-op)
+            x = nn.functional.pad(x, (0, 0, 0, 2 * w2 - w, 0, 2 * h2 - h))
+        x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
+        return self.reduction(self.norm(x)), (h2, w2)
 
 
 class SwinStage(nn.Module):
