@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import LoadReport, load_pretrained
 from ..features import FeatureInfo
 from ..layers import drop_path_schedule
+from ..layers.tracing import export_shapes
 from ..registry import suggest_names
 from .keywords import SELF_FINISHING, translate_keywords
 
@@ -175,7 +176,8 @@ def _contract_forward(forward):
         if x.shape[0] == 0:
             return self.empty_outputs(x)
         try:
-            return forward(self, x, *args, **kwargs)
+            with export_shapes():  # non-strict torch.export: no 0/1 specialisation (layers/tracing.py)
+                return forward(self, x, *args, **kwargs)
         except ValueError as e:
             if _BN_ONE_VALUE not in str(e):
                 raise

@@ -27,11 +27,10 @@ import re
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import ConvStem, LocallyEnhancedFeedForward, PatchEmbed, ViTBlock
+from ..layers import ConvStem, LocallyEnhancedFeedForward, PatchEmbed, ViTBlock, pad_to_multiple
 from ..registry import register_backbone
 from .base import resolve_arch
 from .plain import PlainBackbone, plain_arguments
@@ -51,11 +50,7 @@ class ImageToTokens(nn.Module):
         self.stride = self.conv.stride * patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.stride, (-w) % self.stride
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return self.proj(self.conv(x).permute(0, 3, 1, 2))
+        return self.proj(self.conv(pad_to_multiple(x, self.stride, "CeiT's stem padding")).permute(0, 3, 1, 2))
 
 
 @register_backbone

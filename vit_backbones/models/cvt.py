@@ -18,11 +18,10 @@ from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
-from ..layers import Mlp, PatchEmbed, make_drop_path, nlc_to_nchw
+from ..layers import Mlp, PatchEmbed, ceil_max_pool2d, make_drop_path, nlc_to_nchw
 from ..layers.conv_proj import ConvProjectionAttention, QuickGELU
 from ..registry import register_backbone
 from .base import BaseBackbone, drop_path_rates, init_transformer_weights, resolve_arch
@@ -219,7 +218,7 @@ class CvT(BaseBackbone):
                 break
             x = nlc_to_nchw(t, (h, w))
         if 3 in self.out_indices:
-            maps[3] = F.max_pool2d(maps[2], 2, 2, ceil_mode=True)
+            maps[3] = ceil_max_pool2d(maps[2], 2)
         return tuple(maps[i] for i in self.out_indices)
 
     # ------------------------------------------------------------------ checkpoints

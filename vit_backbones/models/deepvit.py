@@ -25,11 +25,11 @@ import re
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers.attention import Attention
+from ..layers.patch_embed import pad_to_multiple
 from ..layers.head_mixing import ReAttention
 from ..layers.vit_block import ViTBlock
 from ..registry import register_backbone
@@ -58,10 +58,7 @@ class DeepViTConvStem(nn.Module):
         self.proj = nn.Conv2d(mid_chans, embed_dim, patch_size // 2, patch_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.stride, (-w) % self.stride
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+        x = pad_to_multiple(x, self.stride, "DeepViT's convolutional patch-embedding padding")
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         return self.proj(x).permute(0, 2, 3, 1)
