@@ -6,6 +6,12 @@
     python tools/benchmark.py --model vit           # ViT-B/16 at 512 vs mmseg VisionTransformer (also: deit)
     python tools/benchmark.py --model CvT --arch 13 # any registered backbone alone (no anchor)
     python tools/benchmark.py --sizes 224x224x8 --repeats 3 --device cuda
+    python tools/benchmark.py --peers all --models swin,pvtv2,levit,vit --threads 2   # every peer, interleaved
+    python ../shared/tools/with_timm.py tools/benchmark.py --peers mmdet,timm,hf --models swin   # timm importable
+
+With ``--peers`` (or ``--models``) it compares ours against every implementation users would pick
+(mmdet/mmseg, timm, HF transformers), interleaved in one process, per cell (size x train/eval x
+fp32/bf16): see tools/bench_peers.py. Without them it runs the original mmdet/mmseg comparison below.
 
 For each input size (HxWxBATCH) it times, with the same weights in both models:
   * eval forward (no_grad) and train forward+backward, fp32, ours and the anchor;
@@ -280,7 +286,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='swin',
                    help=f'{", ".join(SPECS)} (against their anchors), or any registered backbone name (ours alone)')
-    p.add_argument('--arch', help='variant for a backbone without an anchor (default: its first variant)')
+    p.add_argument('--arch', help='variant for a backbone without an anchor (default: its first variant); with '
+                   '--peers a variant or a JSON dict of hyper-parameter overrides for ours and every peer, or a dict '
+                   'of such dicts by --models key')
     p.add_argument('--sizes', help=f'comma list of HxWxBATCH (default {DET_SIZES}; vit/deit {SEG_SIZES})')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--warmup', type=int, default=1)
@@ -291,11 +299,29 @@ def main():
     p.add_argument('--pairs', type=int, default=6,
                    help='also time anchor and ours alternately in one process, this many pairs per pass (0: skip)')
     p.add_argument('--json', help='also write the results here')
+    g = p.add_argument_group('every peer, interleaved (tools/bench_peers.py)')
+    g.add_argument('--peers', help='comma list of mmdet (mmdet/mmseg), timm, hf, or all: run the interleaved '
+                   'comparison against these peers (--models alone implies all)')
+    g.add_argument('--models', help='comma list of swin, pvtv2, pvt, levit, vit, deit, cait, cvt (default: --model)')
+    g.add_argument('--passes', default='train,eval', help='with --peers: train (fwd+bwd) and/or eval')
+    g.add_argument('--dtypes', default='fp32,bf16', help='with --peers: fp32 and/or bf16 (autocast); --no-bf16: fp32')
+    g.add_argument('--cell-budget', type=float, default=0.,
+                   help='with --peers: more rounds per cell while they fit in this many seconds (0: exactly --pairs)')
+    g.add_argument('--max-pairs', type=int, default=30, help='with --peers and --cell-budget: at most this many rounds')
+    g.add_argument('--peak-n', type=int, default=2048, help='with --peers: side of the matmul that measures the peak')
+    g.add_argument('--big-pairs', type=int, help='with --peers: rounds for inputs above 224x224x8 (default --pairs)')
     p.add_argument('--_case', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if (args.peers or args.models) and not args._case:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_peers
+        if args.big_pairs is None:
+            args.big_pairs = args.pairs
+        bench_peers.run(args)
+        return
     if args._case:
         c = json.loads(args._case)
         if c.get('paired'):
