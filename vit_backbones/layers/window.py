@@ -129,7 +129,8 @@ class WindowPlan:
             (pr // wh, pr % wh), (pc // ww, pc % ww))
         self.scatter = ((wr * nw + wc) * wh + ir) * ww + jc
         self.pad_slots = None
-        if not tracing() and bool(self.pad_mask.any()):
+        # (meta tensors hold no values: a meta-device model, e.g. for FLOP counting, takes the mask path)
+        if not tracing() and self.pad_mask.device.type != 'meta' and bool(self.pad_mask.any()):
             self.pad_slots = torch.nonzero(self.pad_mask).squeeze(1)
 
     @property
