@@ -8,7 +8,8 @@ Everything here is computed with tensor operations on the sizes (``arange``, ``%
 with no Python branch on their values, so the same code traces symbolically (torch.compile,
 torch.export, ONNX dynamo export: one graph for every input size). In eager mode the results are cached
 per (size, window, shift, device[, dtype]), so a forward pass builds each plan and mask once, not once
-per block; tracing never goes through those caches (:func:`get_window_plan`, :func:`get_shift_mask`).
+per block; tracing never goes through those caches (:func:`get_window_plan`, :func:`shift_mask`,
+:func:`key_padding_mask`).
 """
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -78,7 +79,8 @@ def shifted_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tup
     A padded map of size ``hw`` is split into three bands per axis: ``[0, H-wh)``, ``[H-wh, H-sh)`` and
     ``[H-sh, H)``. After the shift, tokens of one window that came from different bands must not attend
     to each other: such pairs get ``fill`` (-100, as the reference implementations use), others 0.
-    In eager mode the result is cached; do not modify it in place.
+    In eager mode the result is cached; do not modify it in place. Traced code should use
+    :func:`shift_mask`, whose (nW*N, N) layout has no axis of windows alone.
     """
     if symbolic_tracing():
         return _shift_mask(tuple(hw), tuple(window), tuple(shift), device, dtype, fill)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .attention import Attention, explicit_attention
 from .rel_pos import RelativePositionBias
 from .tracing import tracing
-from .window import WindowPlan, zero_pad_slots
+from .window import WindowPlan, _mod, zero_pad_slots
 
 
 def _combined_bias(rel: Optional[torch.Tensor], mask: Optional[torch.Tensor], num_windows: int,
@@ -76,8 +76,6 @@ def _row_index(plan: WindowPlan, kind: str, batch: int, heads: int) -> torch.Ten
 
 def _scatter_out(out: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     b, heads, _, d = out.shape
-    if tracing():  # no size-keyed cache: a plain gather, heads merged after it
-        return out.index_select(2, plan.scatter).transpose(1, 2).reshape(b, -1, heads * d)
     rows = out.contiguous().view(-1, d).index_select(0, _row_index(plan, 'out', b, heads))
     return rows.view(b, -1, heads * d)
 
@@ -214,22 +212,40 @@ def window_attention(qkv: torch.Tensor,
 
 def _traced_window_attention(qkv, plan, num_heads, scale, rel_bias, mask, qkv_bias, dropout_p):
     """:func:`window_attention` as traced (compile / export): plain differentiable ops (SDPA also gives the
-    gradient of a learned bias), one graph for every size, and no tensor with an axis of windows alone
-    (windows are merged with the heads: (B, heads*nW, N, d)); ``mask`` is (nW*N, N), one row per query slot."""
-    b = qkv.shape[0]
+    gradient of a learned bias), one graph for every size.
+
+    Every reshape only splits a flat axis into factors that divide it symbolically, and no tensor has an
+    axis of windows alone (its length is 1 at common sizes, e.g. Swin's last stage up to 224 px): q, k, v
+    are gathered row by row straight into (B, heads*nW, N, d) (one index for every batch element: nothing
+    is built from the batch size), with padding slots reading an appended token that holds the
+    projection of a zero token (the qkv bias); ``mask`` is (nW*N, N), one row per query slot. Otherwise
+    the compiler or exporter guards on relations it cannot prove (``heads*nW != heads``) and recompiles
+    or specialises at the sizes where they fail."""
+    b, hw, c3 = qkv.shape
     nw, n = plan.num_windows, plan.window_area
-    q, k, v = _gather_qkv(qkv, plan, num_heads, qkv_bias).unbind(0)  # (B, heads, nW*N, d) each
-    d = q.shape[-1]
-    q, k, v = (t.reshape(b, num_heads * nw, n, d) for t in (q, k, v))
+    d = c3 // (3 * num_heads)
+    length = nw * n
+    device = qkv.device
+    pad_token = (torch.zeros(c3, dtype=qkv.dtype, device=device) if qkv_bias is None else
+                 qkv_bias.detach().to(qkv.dtype)).expand(b, 1, c3)
+    rows = torch.cat([qkv, pad_token], 1).view(b, -1, d)  # (B, (HW+1) * 3 * heads, d)
+    slot_token = plan.gather + plan.pad_mask.long() * hw  # padding slots (gather 0) read the appended token
+    base = (slot_token.view(1, length) * (3 * num_heads) + torch.arange(num_heads, device=device).view(num_heads, 1)
+            ).reshape(-1)  # (heads*nW*N,): the q row of every (head, window slot)
+    q, k, v = (rows.index_select(1, base + i * num_heads).view(b, num_heads * nw, n, d) for i in range(3))
     bias = None
-    if rel_bias is not None:
-        bias = rel_bias.repeat(1, nw, 1)  # (heads, nW*N, N)
-    if mask is not None:
-        bias = mask.unsqueeze(0).expand(num_heads, -1, -1) if bias is None else bias + mask
-    if bias is not None:
-        bias = bias.reshape(1, num_heads * nw, n, n).to(q.dtype)
+    if rel_bias is not None or mask is not None:
+        r = torch.arange(num_heads * length, device=device)
+        if rel_bias is not None:  # the (heads, N, N) table's row of every (head, query slot)
+            bias = rel_bias.reshape(num_heads * n, n).index_select(0, r // length * n + _mod(r, length) % n)
+        if mask is not None:
+            m = mask.to(rel_bias.dtype if rel_bias is not None else q.dtype).index_select(0, _mod(r, length))
+            bias = m if bias is None else bias + m
+        bias = bias.view(1, num_heads * nw, n, n).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    return _scatter_out(out.reshape(b, num_heads, nw * n, d), plan)
+    # back to raster order, heads merged: the row of every (token, head)
+    back = (torch.arange(num_heads, device=device).view(1, num_heads) * length + plan.scatter.view(hw, 1)).reshape(-1)
+    return out.view(b, num_heads * length, d).index_select(1, back).view(b, hw, num_heads * d)
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],

@@ -45,7 +45,7 @@ from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
 from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
                                      resize_offset_bias_table, traced_offset_bias)
-from ..layers.tracing import symbolic_tracing
+from ..layers.tracing import ceil_div, symbolic_tracing
 from ..registry import register_backbone
 from .base import _BN_TYPES, BaseBackbone, resolve_arch
 
@@ -167,9 +167,15 @@ class ShrinkAttention(_OffsetBias):
         h, w = hw
         s = self.stride
         k, v = self.kv(x).view(b, n, self.num_heads, -1).transpose(1, 2).split([self.key_dim, self.val_dim], dim=-1)
-        xq = x.reshape(b, h, w, c)[:, ::s, ::s]
-        q_hw = tuple(xq.shape[1:3])  # ceil(h / s) x ceil(w / s), as the slice computes it (one symbolic form)
-        xq = xq.reshape(b, -1, c)
+        if symbolic_tracing():  # a gather of the subsampled tokens (a strided slice makes the compiler guard on layouts)
+            q_hw = (ceil_div(h, s), ceil_div(w, s))
+            rows = torch.arange(q_hw[0], device=x.device) * (s * w)
+            index = (rows.view(-1, 1) + torch.arange(q_hw[1], device=x.device).view(1, -1) * s).reshape(-1)
+            xq = x.index_select(1, index)
+        else:
+            xq = x.reshape(b, h, w, c)[:, ::s, ::s]
+            q_hw = tuple(xq.shape[1:3])  # ceil(h / s) x ceil(w / s)
+            xq = xq.reshape(b, -1, c)
         q = self.q(xq).view(b, -1, self.num_heads, self.key_dim).transpose(1, 2)
         bias = self.attention_bias(q_hw, hw, s, x.device).unsqueeze(0)
         out = scaled_dot_product(q, k, v, bias, scale=self.scale)
