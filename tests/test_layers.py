@@ -399,3 +399,76 @@ def test_window_attention_constant_bias_training_path(kind):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
         assert (a - b).abs().max() < 1e-11
+
+
+@pytest.mark.parametrize('bias_shape', [None, (1, 3, 10, 12), (2, 3, 10, 12)])
+def test_attention_scores_match_definition(bias_shape):
+    """The one explicit logit kernel (explicit attention, talking heads, re-attention): q k^T * scale + bias,
+    the bias broadcast over batch and heads."""
+    from vit_backbones.layers import attention_scores
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 10, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 12, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    bias = None if bias_shape is None else torch.randn(*bias_shape, generator=g, dtype=torch.float64)
+    ref = torch.einsum('bhnd,bhmd->bhnm', q, k) * 0.3 + (0 if bias is None else bias)
+    out = attention_scores(q, k, 0.3, bias)
+    assert out.shape == (2, 3, 10, 12) and (out - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize('shift', [0, 2])
+def test_generic_windowed_attention_equals_the_fused_path(shift):
+    """``forward_windows`` is one interface: the base class's (windows cut out as a batch, ``forward`` with
+    the relative bias + per-window mask) equals :class:`Attention`'s straight-from-tokens kernel, values and
+    input gradients, with padding (9x11 map, 4x4 windows)."""
+    from vit_backbones.layers import AttentionBase, window_plan
+    torch.manual_seed(4)
+    hw, ws = (9, 11), 4
+    attn = Attention(12, 3).double()
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+    x = torch.randn(2, hw[0] * hw[1], 12, dtype=torch.float64, requires_grad=True)
+    rel = torch.randn(3, ws * ws, ws * ws, dtype=torch.float64)
+    plan = window_plan(hw, (ws, ws), (shift, shift), x.device)
+    mask = shifted_window_mask(plan.padded_hw, (ws, ws), (shift, shift), x.device, torch.float64) if shift else None
+    fused = attn.forward_windows(x, plan, rel, mask)
+    generic = AttentionBase.forward_windows(attn, x, plan, rel, mask)
+    assert (fused - generic).abs().max() < 1e-12
+    g = torch.randn_like(fused)
+    (a, ), (b, ) = torch.autograd.grad((fused * g).sum(), [x]), torch.autograd.grad((generic * g).sum(), [x])
+    assert (a - b).abs().max() < 1e-12
+
+
+def test_grid_attentions_refuse_windows():
+    from vit_backbones.layers import SpatialReductionAttention, window_plan
+    from vit_backbones.layers.conv_proj import ConvProjectionAttention
+    plan = window_plan((4, 4), (2, 2), (0, 0), torch.device('cpu'))
+    for attn in (SpatialReductionAttention(8, 2, sr_ratio=2), ConvProjectionAttention(8, 2)):
+        with pytest.raises(TypeError, match=type(attn).__name__):
+            attn.forward_windows(torch.randn(1, 16, 8), plan)
+
+
+def test_attention_family_shares_one_base_and_layers_import_without_cycles():
+    """Every attention module is an ``AttentionBase``, and the relative imports between the modules of
+    ``vit_backbones/layers`` (lazy ones inside functions included) form no cycle."""
+    import ast
+    import pathlib
+
+    import vit_backbones.layers as layers
+    from vit_backbones.layers.conv_proj import ConvProjectionAttention
+    for cls in (layers.Attention, layers.WindowAttention, layers.TalkingHeadAttention, layers.ReAttention,
+                layers.SpatialReductionAttention, ConvProjectionAttention):
+        assert issubclass(cls, layers.AttentionBase), cls
+    folder = pathlib.Path(layers.__file__).parent
+    graph = {}
+    for path in folder.glob('*.py'):
+        if path.stem == '__init__':
+            continue
+        graph[path.stem] = {node.module.split('.')[0] for node in ast.walk(ast.parse(path.read_text()))
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert 'window_attention' in graph['attention'] and 'attention' not in graph['window_attention']
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, seen + (n, ))) for n in graph.get(start, ()))
+
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert not cycles, cycles

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .attention import scaled_dot_product
+from .attention import AttentionBase
+from .attention_kernel import scaled_dot_product
 from .tracing import dense_map
 
 
@@ -35,7 +36,7 @@ class DepthwiseConvBN(nn.Module):
         return self.bn(self.conv(x)).flatten(2).transpose(1, 2)
 
 
-class ConvProjectionAttention(nn.Module):
+class ConvProjectionAttention(AttentionBase):
     """Multi-head attention whose q/k/v come from depthwise-conv + BN projections of the token grid.
 
     Args:
@@ -53,6 +54,8 @@ class ConvProjectionAttention(nn.Module):
     the raster-ordered grid tokens; returns (B, P + Hq*Wq, C) (Hq = H for stride_q 1).
     """
 
+    takes_bias = False
+
     def __init__(self,
                  dim: int,
                  num_heads: int,
@@ -65,11 +68,7 @@ class ConvProjectionAttention(nn.Module):
                  scale: Optional[float] = None,
                  attn_drop: float = 0.,
                  proj_drop: float = 0.):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, attn_drop=attn_drop, fused_qkv=False)
         self.scale = dim**-0.5 if scale is None else scale
         self.conv_proj_q = DepthwiseConvBN(dim, kernel_size, stride_q, padding_q)
         self.conv_proj_k = DepthwiseConvBN(dim, kernel_size, stride_kv, padding_kv)
@@ -77,13 +76,7 @@ class ConvProjectionAttention(nn.Module):
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        self._build_output(dim, proj_drop)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         b, n, c = x.shape
@@ -95,7 +88,5 @@ class ConvProjectionAttention(nn.Module):
         q, k, v = self.conv_proj_q(grid), self.conv_proj_k(grid), self.conv_proj_v(grid)
         if num_prefix_tokens:
             q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))
-        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
-        out = scaled_dot_product(q, k, v, None, self.attn_drop if self.training else 0., self.scale)
-        out = out.transpose(1, 2).reshape(b, q.shape[2], c)
-        return self.proj_drop(self.proj(out))
+        q, k, v = self.to_heads(self.proj_q(q)), self.to_heads(self.proj_k(k)), self.to_heads(self.proj_v(v))
+        return self.output(scaled_dot_product(q, k, v, None, self.dropout_p, self.scale))

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import split_heads
+from .attention import AttentionBase
+from .attention_kernel import attention_scores
 
 
 def mix_heads(attn: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -39,27 +40,14 @@ def mix_heads(attn: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out.view(attn.shape)
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """q k^T * scale (+ bias) as a (B, H, N, M) tensor."""
-    *lead, n, d = q.shape
-    m = k.shape[-2]
-    q3, k3 = q.reshape(-1, n, d), k.reshape(-1, m, d)
-    if bias is None:
-        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
-    else:
-        scores = torch.baddbmm(bias.to(q.dtype).expand(*lead, n, m).reshape(-1, n, m), q3, k3.transpose(1, 2),
-                               alpha=scale)
-    return scores.view(*lead, n, m)
-
-
 def _apply(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, M) @ (B, H, M, d) -> (B, N, H*d)."""
+    """(B, H, N, M) @ (B, H, M, d) -> (B, H, N, d)."""
     b, h, n, m = attn.shape
-    out = torch.bmm(attn.reshape(b * h, n, m), v.to(attn.dtype).reshape(b * h, m, -1))
-    return out.view(b, h, n, -1).transpose(1, 2).reshape(b, n, -1)
+    d = v.shape[-1]
+    return torch.bmm(attn.reshape(b * h, n, m), v.to(attn.dtype).reshape(b * h, m, d)).view(b, h, n, d)
 
 
-class TalkingHeadAttention(nn.Module):
+class TalkingHeadAttention(AttentionBase):
     """Multi-head self-attention with talking heads (CaiT's self-attention layers).
 
     ``softmax(proj_l(q k^T * scale)) -> proj_w -> attention dropout -> @ v -> proj``, where ``proj_l`` and
@@ -77,33 +65,25 @@ class TalkingHeadAttention(nn.Module):
                  qk_scale: Optional[float] = None,
                  attn_drop: float = 0.,
                  proj_drop: float = 0.):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        super().__init__(dim, num_heads, qk_scale, attn_drop, qkv_bias)
         self.proj_l = nn.Linear(num_heads, num_heads)
         self.proj_w = nn.Linear(num_heads, num_heads)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self._build_output(dim, proj_drop)
 
     def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The mixed (B, H, N, M) attention weights (before dropout)."""
-        logits = mix_heads(_logits(q, k, self.scale, bias), self.proj_l.weight, self.proj_l.bias)
+        logits = mix_heads(attention_scores(q, k, self.scale, bias), self.proj_l.weight, self.proj_l.bias)
         return mix_heads(logits.softmax(dim=-1), self.proj_w.weight, self.proj_w.bias)
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k, v = self.qkv_heads(x)
         attn = self.attention_matrix(q, k, bias)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
-        return self.proj_drop(self.proj(_apply(attn, v)))
+        return self.output(_apply(attn, v))
 
 
-class ReAttention(nn.Module):
+class ReAttention(AttentionBase):
     """DeepViT's re-attention: ``softmax(q k^T * scale)`` -> attention dropout -> 1x1 conv over the heads
     (``reatten_matrix``, the learnable transformation Theta) -> BatchNorm2d over the heads (``var_norm``)
     -> times ``reatten_scale`` -> ``@ v`` -> ``proj``.
@@ -125,28 +105,20 @@ class ReAttention(nn.Module):
                  attn_drop: float = 0.,
                  proj_drop: float = 0.,
                  transform_scale: bool = False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        super().__init__(dim, num_heads, qk_scale, attn_drop, qkv_bias)
         self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1, 1)
         self.var_norm = nn.BatchNorm2d(num_heads)
         self.reatten_scale = self.scale if transform_scale else 1.0
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self._build_output(dim, proj_drop)
 
     def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The re-attention map (B, H, N, M) that multiplies v."""
-        attn = _logits(q, k, self.scale, bias).softmax(dim=-1)
+        attn = attention_scores(q, k, self.scale, bias).softmax(dim=-1)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
         attn = self.var_norm(mix_heads(attn, self.reatten_matrix.weight, self.reatten_matrix.bias))
         return attn * self.reatten_scale if self.reatten_scale != 1.0 else attn
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        return self.proj_drop(self.proj(_apply(self.attention_matrix(q, k, bias), v)))
+        q, k, v = self.qkv_heads(x)
+        return self.output(_apply(self.attention_matrix(q, k, bias), v))

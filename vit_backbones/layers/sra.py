@@ -11,11 +11,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .attention import scaled_dot_product
+from .attention import AttentionBase
+from .attention_kernel import scaled_dot_product
 from .tracing import dense_map
 
 
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(AttentionBase):
     """Multi-head attention of (B, N, C) tokens on an (H, W) grid against a spatially reduced copy.
 
     Args:
@@ -33,22 +34,17 @@ class SpatialReductionAttention(nn.Module):
     (PVT v1's class token in its last stage) are allowed only when ``sr_ratio == 1`` and not linear.
     """
 
+    takes_bias = False
+
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, linear: bool = False, pool_size: int = 7,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
                  norm_eps: float = 1e-5):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
+        super().__init__(dim, num_heads, qk_scale, attn_drop, fused_qkv=False)
         self.sr_ratio = int(sr_ratio)
         self.linear = linear
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self._build_output(dim, proj_drop)
         self.pool = nn.AdaptiveAvgPool2d(pool_size) if linear else None
         if linear:
             self.sr = nn.Conv2d(dim, dim, kernel_size=1)
@@ -77,9 +73,7 @@ class SpatialReductionAttention(nn.Module):
         return self.act(m) if self.act is not None else m
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        b, n, c = x.shape
-        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.to_heads(self.q(x))
         kv = self.kv(self._reduced(x, hw))
-        k, v = kv.view(b, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = scaled_dot_product(q, k, v, None, self.attn_drop if self.training else 0., self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        k, v = kv.view(x.shape[0], kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.output(scaled_dot_product(q, k, v, None, self.dropout_p, self.scale))

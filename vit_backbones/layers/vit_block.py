@@ -16,7 +16,7 @@ from .drop import make_drop_path
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .rel_pos import RelativePositionBias
-from .window import tokens_to_windows, window_plan, windows_to_tokens
+from .window import window_plan
 
 LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -35,8 +35,9 @@ class ViTBlock(nn.Module):
         window_size: 0 for global attention; w > 0 for attention inside w x w windows of the token grid
             (the sequence must then be exactly the H*W grid tokens, raster order, no prefix tokens).
         rel_pos: with windows, add a learned relative position bias (``attn.rel_pos``) per head.
-        attn: an attention module to use instead of the default :class:`Attention` (same call,
-            ``attn(x, bias)`` on (B, N, C) tokens; e.g. talking-heads or re-attention).
+        attn: an attention module to use instead of the default :class:`Attention` (an
+            :class:`~.attention.AttentionBase` called as ``attn(x)`` on (B, N, C) tokens, and as
+            ``attn.forward_windows(x, plan, rel_bias)`` with windows; e.g. talking-heads or re-attention).
         mlp: a feed-forward module to use instead of the default :class:`Mlp` (CeiT's LeFF); it is called
             as ``mlp(tokens, hw)`` so that it can work on the token grid.
 
@@ -83,11 +84,7 @@ class ViTBlock(nn.Module):
         window = (self.window_size, self.window_size)
         plan = window_plan(tuple(hw), window, (0, 0), x.device)
         rel_pos = getattr(self.attn, 'rel_pos', None)
-        if isinstance(self.attn, Attention):  # straight from the tokens, projections on real tokens only
-            return self.attn.forward_windows(x, plan, rel_pos(window) if rel_pos is not None else None)
-        # attention modules that need the attention matrix (re-attention, talking heads) get windows
-        bias = rel_pos(window).unsqueeze(0) if rel_pos is not None else None
-        return windows_to_tokens(self.attn(tokens_to_windows(x, plan), bias), plan)
+        return self.attn.forward_windows(x, plan, rel_pos(window) if rel_pos is not None else None)
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         y = self.norm1(x)

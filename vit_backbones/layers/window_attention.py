@@ -21,13 +21,12 @@ The bias is a per-head relative-position bias (heads, N, N) plus an optional per
 ((nW, N, N) shift mask or (nW, 1, N) key-padding mask), kept apart so the gradient of the learned part
 is one reduction.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .attention import Attention, explicit_attention
-from .rel_pos import RelativePositionBias
+from .attention_kernel import explicit_attention
 from .tracing import tracing
 from .window import WindowPlan, _mod, zero_pad_slots
 
@@ -264,18 +263,3 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
-
-class WindowAttention(Attention):
-    """Multi-head attention inside windows with a learned relative position bias (Swin, Shuffle).
-
-    ``forward(x, plan, mask)`` takes raster tokens (B, H*W, C) of a ``plan.hw`` map and an optional
-    constant per-window mask ((nW, N, N) shift mask or (nW, 1, N) key-padding mask); the qkv and output
-    projections run on the real tokens only (:meth:`Attention.forward_windows`).
-    """
-
-    def __init__(self, dim: int, num_heads: int, window: Tuple[int, int], **kwargs):
-        super().__init__(dim, num_heads, **kwargs)
-        self.rel_pos = RelativePositionBias(num_heads, window)
-
-    def forward(self, x: torch.Tensor, plan: WindowPlan, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.forward_windows(x, plan, self.rel_pos(plan.window), mask)

@@ -1,0 +1,118 @@
+"""The attention kernels of the package: softmax(q k^T * scale + bias) v, fused or explicit.
+
+``scaled_dot_product`` is the one attention kernel. It takes an optional additive ``bias``
+(relative-position bias, shift mask, attention biases) that broadcasts against the (B, heads, Nq, Nk)
+score matrix, and falls back to :func:`explicit_attention` (matmul + softmax) when the caller needs the
+attention matrix itself or a gradient for a learned bias. :func:`attention_scores` is the logit half of
+that explicit path, which the head-mixing attentions (talking heads, re-attention) also build on.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .tracing import tracing
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q k^T * scale (+ bias) as a (..., N, M) tensor in ``q``'s dtype: the logits of every explicit path
+    (:func:`explicit_attention`, talking heads, re-attention).
+
+    The bias is written once into the score buffer and q k^T is accumulated onto it in place
+    (``baddbmm_``), so adding the bias costs no extra pass.
+    """
+    *lead, n, d = q.shape
+    m = k.shape[-2]
+    q3, k3 = q.reshape(-1, n, d), k.reshape(-1, m, d)
+    if bias is None:
+        return torch.bmm(q3, k3.transpose(1, 2)).mul_(scale).view(*lead, n, m)
+    scores = torch.empty(q3.shape[0], n, m, dtype=q.dtype, device=q.device)
+    scores.view(*lead, n, m).copy_(bias.expand(*lead, n, m))
+    return scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale).view(*lead, n, m)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       dropout_p: float = 0., scale: Optional[float] = None, return_attn: bool = False):
+    """softmax(q k^T * scale + bias) v with batched matmuls, materialising the attention matrix
+    (:func:`attention_scores`, then the plain softmax)."""
+    *lead, n, d = q.shape
+    m = k.shape[-2]
+    scale = d**-0.5 if scale is None else scale
+    dtype = torch.get_autocast_dtype('cpu') if (q.device.type == 'cpu' and torch.is_autocast_enabled('cpu')) else q.dtype
+    if q.device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
+        dtype = torch.get_autocast_dtype('cuda')
+    attn = attention_scores(q.to(dtype), k.to(dtype), scale, bias).softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p)
+    out = torch.bmm(attn.view(-1, n, m), v.to(dtype).reshape(-1, m, v.shape[-1])).view(*lead, n, v.shape[-1])
+    if return_attn:
+        return out, attn
+    return out
+
+
+def scaled_dot_product(q: torch.Tensor,
+                       k: torch.Tensor,
+                       v: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None,
+                       dropout_p: float = 0.,
+                       scale: Optional[float] = None,
+                       return_attn: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """softmax(q k^T * scale + bias) v.
+
+    This is ``F.scaled_dot_product_attention`` (the fused flash kernel, reading strided q/k/v in place,
+    with a fused backward) unless the bias itself needs a gradient (a learned relative-position bias in
+    training) or the attention matrix is wanted: then it is :func:`explicit_attention`. PyTorch's fused
+    CPU kernels give no gradient for an additive bias, and its fallback makes q, k, v contiguous and runs
+    a NaN-guarded softmax, slower than the explicit path. (Measured on this project's CPU, one thread,
+    forward+backward: without a bias or with a constant mask the fused kernel is 2.0-2.2x faster than the
+    explicit path at 1024 tokens and 1.1-1.9x at 49; with a learned bias the two are within 10%.)
+
+    Args:
+        q, k, v: (..., N, d) tensors (usually (B, heads, N, d)).
+        bias: additive term broadcastable to (..., Nq, Nk), or None.
+        dropout_p: attention dropout probability (pass 0 in eval).
+        scale: score scale; defaults to d ** -0.5.
+        return_attn: also return the attention probabilities.
+    """
+    if return_attn or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+        return explicit_attention(q, k, v, bias, dropout_p, scale, return_attn)
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """(B, N, 3*C) fused projection -> contiguous q, k, v of shape (B, heads, N, d) in one copy; the
+    backward writes the three gradients straight into the (B, N, 3*C) layout (one pass, no stack)."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads):
+        b, n, c3 = qkv.shape
+        d = c3 // (3 * heads)
+        ctx.dims = (b, n, heads, d)
+        out = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).contiguous()
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        b, n, heads, d = ctx.dims
+        g = gq.new_empty(b, n, 3, heads, d) if gq is not None else gk.new_empty(b, n, 3, heads, d)
+        for i, gi in enumerate((gq, gk, gv)):
+            if gi is None:
+                g[:, :, i].zero_()
+            else:
+                g[:, :, i].copy_(gi.transpose(1, 2))
+        return g.view(b, n, 3 * heads * d), None
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused (B, N, 3*C) projection -> q, k, v each (B, heads, N, d).
+
+    Without gradients they are strided views (the fused SDPA kernel reads them in place); with
+    gradients they are made contiguous once, for the batched matmuls of :func:`explicit_attention`.
+    """
+    b, n, c3 = qkv.shape
+    if torch.is_grad_enabled() and qkv.requires_grad and not tracing():  # traced: plain views (plain autograd)
+        return _SplitHeads.apply(qkv, heads)
+    return qkv.view(b, n, 3, heads, c3 // (3 * heads)).transpose(1, 3).unbind(2)
