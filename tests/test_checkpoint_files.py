@@ -427,3 +427,19 @@ def test_lossy_resizes_warn_with_the_way_to_keep_them_exact():
         warnings.simplefilter('error', CheckpointResizeWarning)  # the same size: nothing to warn about
         assert not load_pretrained(vit_backbones.build_backbone('CaiT', CAIT), cait384 | {
             'pos_embed': torch.zeros(1, 196, 32)}).notes
+
+
+def test_rename_helpers_apply_rules_in_order_and_report_drops():
+    """The one rule-applying helper every converter uses: rules chain in order (a later rule sees the result
+    of an earlier one, a replacement may be a function of the match); ``drop`` reasons are judged on the
+    original key; ``unwrap_keys`` removes wrapper prefixes only where present."""
+    from vit_backbones.checkpoint.rename import any_key_matches, rename_key, rename_keys, unwrap_keys
+    rules = [(r'^layers\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) + 1}.'), (r'^stages\.2\.', 'last.')]
+    assert rename_key('layers.1.fc.weight', rules) == 'last.fc.weight'
+    assert rename_key('layers.0.fc.weight', rules) == 'stages.1.fc.weight'
+    sd = {'layers.0.w': torch.zeros(1), 'head.w': torch.ones(1), 'layers.1.w': torch.full((1, ), 2.)}
+    out, dropped = rename_keys(sd, rules, lambda k: 'classification head' if k.startswith('head.') else None)
+    assert list(out) == ['stages.1.w', 'last.w'] and out['last.w'].item() == 2.
+    assert dropped == {'head.w': 'classification head'}
+    assert unwrap_keys({'module.a': 1, 'b': 2, 'swin.module.c': 3}, ('swin.', 'module.')) == {'a': 1, 'b': 2, 'c': 3}
+    assert any_key_matches(out, r'stages\.\d+\.w$') and not any_key_matches(out, r'w$')

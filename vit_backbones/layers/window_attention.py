@@ -262,4 +262,3 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-

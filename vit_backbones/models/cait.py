@@ -23,6 +23,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import rename_keys
 from ..layers.head_mixing import TalkingHeadAttention
 from ..layers.vit_block import ViTBlock
 from ..registry import register_backbone
@@ -175,5 +176,5 @@ class CaiT(PlainBackbone):
             (r'^blocks\.(\d+)\.gamma_1$', r'blocks.\1.ls1.gamma'),
             (r'^blocks\.(\d+)\.gamma_2$', r'blocks.\1.ls2.gamma'),
         ]
-        out, dropped = self.rename_keys(sd, rules, self._drop_reason)
+        out, dropped = rename_keys(sd, rules, self._drop_reason)
         return out, 'official/timm', dropped

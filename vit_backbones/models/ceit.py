@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import rename_keys
 from ..layers import ConvStem, LocallyEnhancedFeedForward, PatchEmbed, ViTBlock, pad_to_multiple
 from ..registry import register_backbone
 from .base import resolve_arch
@@ -172,7 +173,7 @@ class CeiT(PlainBackbone):
                 return "final norm (normalises the LCA's class token; final_norm=False)"
             return None
 
-        out, dropped = self.rename_keys(sd, rules, drop)
+        out, dropped = rename_keys(sd, rules, drop)
         fmt = 'official' if official else 'vit_backbones'
         self._check_prefix_tokens(out, fmt)
         if 'cls_token' in out and 'cls_token' not in self.prefix_params:

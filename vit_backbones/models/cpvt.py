@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import rename_keys
 from ..layers import PositionalEncodingGenerator
 from ..registry import register_backbone
 from .base import resolve_arch
@@ -172,7 +173,7 @@ class CPVT(PlainBackbone):
                 return 'a PEG at another position (this model has one PEG)'
             return None
 
-        out, dropped = self.rename_keys(sd, rules, drop)
+        out, dropped = rename_keys(sd, rules, drop)
         fmt = 'vit_backbones' if ours else 'official'
         has_cls = 'cls_token' in out
         if has_cls != self.class_token:

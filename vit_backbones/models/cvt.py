@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import any_key_matches, rename_keys
 from ..layers import Mlp, PatchEmbed, ceil_max_pool2d, make_drop_path, nlc_to_nchw
 from ..layers.conv_proj import ConvProjectionAttention, QuickGELU
 from ..registry import register_backbone
@@ -230,7 +231,7 @@ class CvT(BaseBackbone):
         keys = list(sd)
 
         def has(pat):
-            return any(re.match(pat, k) for k in keys)
+            return any_key_matches(keys, pat)
 
         if has(r'stages\.\d+\.blocks\.\d+\.attn\.conv_proj_q\.'):
             return 'vit_backbones'
@@ -296,9 +297,4 @@ _HF_INNER = [
 
 
 def _hf_to_official(sd):
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in _HF_OUTER + _HF_INNER:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
+    return rename_keys(sd, _HF_OUTER + _HF_INNER)[0]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import rename_keys
 from ..layers.attention import Attention
 from ..layers.patch_embed import pad_to_multiple
 from ..layers.head_mixing import ReAttention
@@ -212,7 +213,7 @@ class DeepViT(PlainBackbone):
                 f'the checkpoint has {"a convolutional" if has_cnn else "a linear (ViT)"} patch embedding but {name} '
                 f'has {"a convolutional" if self.cnn_stem else "a linear"} one: is it another variant?')
         ours = any(k.startswith('pyramid.') for k in keys)
-        out, dropped = self.rename_keys(sd, [], self._drop_reason)
+        out, dropped = rename_keys(sd, [], self._drop_reason)
         if self.window_size and 'cls_token' in out:
             dropped['cls_token'] = 'prefix token (windowed models have none, as ViTDet)'
             del out['cls_token']

@@ -29,7 +29,6 @@ every parameter takes part in the forward (no unused parameters under Distribute
 """
 import inspect
 import math
-import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -320,19 +319,6 @@ class PlainBackbone(BaseBackbone):
                 f'(arch={getattr(self, "arch_name", "?")}) has {sorted(mine)}: is it another variant? '
                 'A distilled DeiT checkpoint needs a distilled arch (e.g. "small-distilled") and vice versa.')
 
-    @staticmethod
-    def rename_keys(sd: Dict[str, torch.Tensor], rules, drop) -> Tuple[dict, dict]:
-        """Apply regex ``rules`` to every key; keys for which ``drop(key)`` gives a reason are dropped."""
-        out, dropped = {}, {}
-        for k, v in sd.items():
-            why = drop(k)
-            if why:
-                dropped[k] = why
-                continue
-            for pat, rep in rules:
-                k = re.sub(pat, rep, k)
-            out[k] = v
-        return out, dropped
 
 
 #: the :class:`PlainBackbone` arguments a model passes through (all but the four it takes from its arch)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import rename_keys, unwrap_keys
 from ..layers import Mlp, PatchEmbed, WindowAttention, drop_path_schedule, make_drop_path, window_plan
 from ..layers.tracing import ceil_div, is_symbolic, refuse_static_trace, symbolic_tracing
 from ..layers.window import shift_mask
@@ -243,7 +244,7 @@ class Swin(BaseBackbone):
 
     def convert_checkpoint(self, sd: Dict[str, torch.Tensor]):
         sd = strip_prefix(sd, ('backbone.', ))
-        sd = {k[len('swin.'):] if k.startswith('swin.') else k: v for k, v in sd.items()}  # HF task models
+        sd = unwrap_keys(sd, ('swin.', ))  # HF task models
         keys = set(sd)
         if any('rel_pos.relative_position_bias_table' in k for k in keys) and any(k.startswith('stages.') for k in keys):
             return self._from_ours(sd)
@@ -274,16 +275,7 @@ class Swin(BaseBackbone):
         return None
 
     def _rename(self, sd, rules, fmt):
-        out, dropped = {}, {}
-        for k, v in sd.items():
-            why = self._drop_reason(k)
-            if why:
-                dropped[k] = why
-                continue
-            nk = k
-            for pat, rep in rules:
-                nk = re.sub(pat, rep, nk)
-            out[nk] = v
+        out, dropped = rename_keys(sd, rules, self._drop_reason)
         return out, fmt, dropped
 
     def _from_ours(self, sd):

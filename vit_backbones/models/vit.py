@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
+from ..checkpoint.rename import rename_keys
 from ..registry import register_backbone
 from .base import resolve_arch
 from .plain import PlainBackbone, plain_arguments
@@ -140,7 +141,7 @@ class ViT(PlainBackbone):
         return out, fmt, dropped
 
     def _from_timm(self, sd):
-        out, dropped = self.rename_keys(sd, [], _drop_reason)
+        out, dropped = rename_keys(sd, [], _drop_reason)
         ours = any(k.startswith('pyramid.') for k in out)
         return out, 'vit_backbones' if ours else 'timm', dropped
 
@@ -161,7 +162,7 @@ class ViT(PlainBackbone):
             (blk + r'(?:output\.dense|mlp\.fc2)\.', r'blocks.\1.mlp.fc2.'),
             (r'^layernorm\.', 'norm.'),
         ]
-        out, dropped = self.rename_keys(sd, rules, _drop_reason)
+        out, dropped = rename_keys(sd, rules, _drop_reason)
         for k in [k for k in out if re.search(r'\.attn\.q\.(weight|bias)$', k)]:
             base, kind = k.rsplit('.attn.q.', 1)
             out[f'{base}.attn.qkv.{kind}'] = torch.cat([out.pop(f'{base}.attn.{p}.{kind}') for p in 'qkv'], 0)
@@ -179,7 +180,7 @@ class ViT(PlainBackbone):
             (blk + r'ffn\.layers\.0\.0\.', r'blocks.\1.mlp.fc1.'),
             (blk + r'ffn\.layers\.1\.', r'blocks.\1.mlp.fc2.'),
         ]
-        out, dropped = self.rename_keys(sd, rules, _drop_reason)
+        out, dropped = rename_keys(sd, rules, _drop_reason)
         if 'patch_embed.proj.weight' in out and 'patch_embed.proj.bias' not in out:
             # mmseg's VisionTransformer defaults to patch_bias=False: a zero bias is the same function
             out['patch_embed.proj.bias'] = out['patch_embed.proj.weight'].new_zeros(out['patch_embed.proj.weight'].shape[0])
