@@ -192,3 +192,42 @@ def test_peers_get_our_weights(model, peer):
     for r, o in zip(ref, out):
         assert r.shape == o.shape
         assert float((r - o).abs().max()) <= 1e-4 * float(r.abs().max())
+
+
+# ---------------------------------------------------------------- bench_compile / bench_revisions
+def _tool(name):
+    path = os.path.join(os.path.dirname(_PATH), f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'vb_{name}', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_compile_counts_graphs_and_times_both(tmp_path, capsys):
+    """One case end to end (dynamo's 'eager' backend: no code generation, CI time): one graph for the
+    four sizes, no break, a paired ratio and the output difference in the row and the JSON."""
+    tool = _tool('bench_compile')
+    out = tmp_path / 'rows.json'
+    assert tool.main(['--models', 'PVTv2', '--arch', '{"base": "b0", "depths": [1, 1, 1, 1]}', '--backend', 'eager',
+                      '--dtypes', 'fp32', '--pairs', '2', '--size', '64x96x2', '--threads', '1', '--json', str(out)]) == 0
+    text = capsys.readouterr().out
+    assert 'AMD' in text or 'Intel' in text or 'CPU:' in text
+    (row, ) = json.loads(out.read_text())
+    assert row['graphs'] == 1 and row['graphs_after_timing_size'] == 1 and row['breaks'] == 0, row
+    assert row['ratio']['n'] == 2 and row['eager_ms'] > 0 and row['compiled_ms'] > 0
+    assert row['rel_diff'] < 1e-5
+    assert re.search(r'\| PVTv2 \S* \| eval \| fp32 \| [\d.]+ \| 1 / 0 \|', text), text
+    with pytest.raises(SystemExit):
+        tool.main(['--models', 'ResNet50'])
+
+
+def test_bench_revisions_pairs_the_two_runs(capsys):
+    """The pairing and the summary (the working tree against itself: no git needed in CI's checkout)."""
+    tool = _tool('bench_revisions')
+    assert tool.main(['WORKTREE', 'WORKTREE', '--models', 'PVTv2', '--arch', '{"base": "b0", "depths": [1, 1, 1, 1]}',
+                      '--modes', 'eval', '--sizes', '64x64x1', '--rounds', '2', '--steps', '1', '--threads', '1']) == 0
+    text = capsys.readouterr().out
+    row = re.search(r'\| PVTv2 \| eval \| fp32 \| 64x64 b1 \| (\d+) \| (\d+) \| ([\d.]+)x \[([\d.]+)-([\d.]+)\] \|', text)
+    assert row, text
+    lo, med, hi = float(row.group(4)), float(row.group(3)), float(row.group(5))
+    assert lo <= med <= hi
