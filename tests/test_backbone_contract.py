@@ -87,6 +87,22 @@ def test_unknown_arguments_and_arch_are_refused(name):
         vit_backbones.build_backbone(name, 'no-such-variant')
 
 
+@pytest.mark.parametrize('name', NAMES)
+def test_construction_ends_in_one_place_and_forward_checks_once(name, monkeypatch):
+    """Every model's ``__init__`` only builds modules: BaseBackbone then initialises once and freezes once,
+    in that order; and its forward wrapper is the one place that checks the input."""
+    cls = vit_backbones.get_backbone_class(name)
+    calls = []
+    for method, tag in (('_default_init', 'init'), ('_freeze_stages', 'freeze'), ('check_input', 'check')):
+        original = getattr(cls, method)
+        monkeypatch.setattr(cls, method, lambda self, *a, _f=original, _t=tag: (calls.append(_t), _f(self, *a))[1])
+    model = build(name, frozen_stages=0)
+    assert calls == ['init', 'freeze']
+    calls.clear()
+    model.eval()(image(model, batch=1))
+    assert calls.count('check') == 1
+
+
 def test_deepvit_refuses_layer_scale_it_would_ignore():
     with pytest.raises(TypeError, match="'layer_scale'"):
         build('DeepViT', layer_scale=1e-5)

@@ -19,7 +19,7 @@ from ..features import FeatureInfo
 from ..layers import drop_path_schedule
 from ..layers.tracing import export_shapes
 from ..registry import suggest_names
-from .keywords import SELF_FINISHING, translate_keywords
+from .keywords import translate_keywords
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -301,11 +301,9 @@ class BaseBackbone(BaseModule, metaclass=_BackboneMeta):
             cls.forward = _contract_forward(fwd)
 
     def _finish_construction(self):
-        """The end of every construction: default initialisation (unless the class still does it in its own
-        ``__init__``, see :data:`.keywords.SELF_FINISHING`), bounds checks, ``feature_info`` as a
+        """The end of every construction: default initialisation, bounds checks, ``feature_info`` as a
         :class:`FeatureInfo`, freezing."""
-        if type(self).__name__ not in SELF_FINISHING:
-            self._default_init()
+        self._default_init()
         units = len(self._stem_and_stages())
         if not -1 <= self.frozen_stages <= units - 1:
             raise ValueError(f'{type(self).__name__}: frozen_stages={self.frozen_stages} is out of range: -1 freezes '

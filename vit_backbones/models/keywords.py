@@ -13,15 +13,8 @@ and PVTv2: ``PyramidVisionTransformer(V2)``):
   ``use_conv_ffn=True``) is accepted at that value and refused at any other;
 * a keyword that changes nothing in our model (``convert_weights``: our loader recognises the official,
   timm, HF and mmdet layouts itself) is dropped.
-
-``SELF_FINISHING``: the classes whose ``__init__`` still ends with its own ``_default_init()`` and
-``_freeze_stages()`` (their files are being rewritten elsewhere); :class:`BaseBackbone` does not run the
-default initialisation a second time for them (same random draws as before).
 """
 from typing import Callable, Dict, Mapping
-
-SELF_FINISHING = frozenset({'Swin', 'ShuffleTransformer', 'LeViT'})
-
 
 def _tuples(value):
     if isinstance(value, (list, tuple)):

@@ -48,7 +48,7 @@ from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_
                                      resize_offset_bias_table, traced_offset_bias)
 from ..layers.tracing import ceil_div, symbolic_tracing
 from ..registry import register_backbone
-from .base import _BN_TYPES, BaseBackbone, resolve_arch
+from .base import _BN_TYPES, BaseBackbone, drop_path_rates, resolve_arch
 from .levit_convert import to_ours
 
 
@@ -328,7 +328,8 @@ class LeViT(BaseBackbone):
 
         self.stem = LeViTStem(in_chans, dims[0])
         grid = tuple(-(-s // 16) for s in self.img_size)
-        dp = self.drop_path_rate
+        dp = self.drop_path_rate  # the official rule: the same rate in every residual branch
+        rates = drop_path_rates(dp, depths[:self.num_built_stages], 'constant')
         self.stages = nn.ModuleList()
         self.table_grids = []
         for i in range(self.num_built_stages):
@@ -337,12 +338,10 @@ class LeViT(BaseBackbone):
                 shrink = ShrinkBlock(dims[i - 1], dims[i], kd, dims[i - 1] // kd, cfg['shrink_attn_ratio'],
                                      cfg['shrink_mlp_ratio'], grid, dp, bias_interpolation)
                 grid = tuple(-(-g // 2) for g in grid)
-            blocks = [LeViTBlock(dims[i], kd, heads[i], cfg['attn_ratio'], cfg['mlp_ratio'], grid, dp,
-                                 bias_interpolation) for _ in range(depths[i])]
+            blocks = [LeViTBlock(dims[i], kd, heads[i], cfg['attn_ratio'], cfg['mlp_ratio'], grid, rate,
+                                 bias_interpolation) for rate in rates[i]]
             self.stages.append(LeViTStage(shrink, blocks))
             self.table_grids.append(grid)
-        self._default_init()
-        self._freeze_stages()
 
     # ------------------------------------------------------------------ init / freezing / checkpointing
     def _default_init(self):
@@ -373,7 +372,6 @@ class LeViT(BaseBackbone):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self.check_input(x)
         x4, x8, x16 = self.stem(x)
         levels = {0: x4, 1: x8, 2: x16}
         hw = tuple(x16.shape[-2:])

@@ -47,7 +47,7 @@ from ..layers import Mlp, WindowAttention, WindowPlan, make_drop_path
 from ..layers.tracing import pad_amount, refuse_static_trace, symbolic_tracing, tracing
 from ..layers.window import get_window_plan, key_padding_mask
 from ..registry import register_backbone
-from .base import BaseBackbone, init_transformer_weights, resolve_arch
+from .base import BaseBackbone, drop_path_rates, init_transformer_weights, resolve_arch
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -149,12 +149,12 @@ class ShuffleBlock(nn.Module):
 
 
 class ShuffleStage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int, drop_path: float,
-                 **block_kwargs):
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int,
+                 drop_paths: Sequence[float], **block_kwargs):
         super().__init__()
         self.downsample = ShufflePatchMerging(in_dim, dim) if in_dim != dim else None
         self.blocks = nn.ModuleList([
-            ShuffleBlock(dim, num_heads, window_size, shuffle=i % 2 == 1, drop_path=drop_path, **block_kwargs)
+            ShuffleBlock(dim, num_heads, window_size, shuffle=i % 2 == 1, drop_path=drop_paths[i], **block_kwargs)
             for i in range(depth)
         ])
 
@@ -235,8 +235,7 @@ class ShuffleTransformer(BaseBackbone):
         self._set_out_indices(num_stages)
 
         self.patch_embed = ShuffleStem(in_chans, stem_channels, dim)
-        # official rule: one rate per stage, linearly spaced from 0
-        rates = [drop_path_rate * i / (num_stages - 1) for i in range(num_stages)] if num_stages > 1 else [0.]
+        rates = drop_path_rates(drop_path_rate, depths, 'stage_constant')  # the official rule
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i in range(num_stages):
@@ -246,8 +245,6 @@ class ShuffleTransformer(BaseBackbone):
                              mlp_ratio=mlp_ratio, conv_bias=conv_bias, qk_scale=qk_scale, drop=drop_rate,
                              attn_drop=attn_drop_rate, local_kernel_size=local_kernel_size))
             self.feature_info.append(dict(num_chs=d, reduction=4 * 2**i, module=f'stages.{i}'))
-        self._default_init()
-        self._freeze_stages()
 
     def _default_init(self):
         """The official initialisation: truncated-normal (std .02) Linear and conv weights, zero biases,
@@ -268,7 +265,6 @@ class ShuffleTransformer(BaseBackbone):
         return [self.patch_embed] + list(self.stages)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self.check_input(x)
         x = self.patch_embed(x)
         outs = []
         last = max(self.out_indices)

@@ -14,11 +14,11 @@ from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..checkpoint.rename import rename_keys, unwrap_keys
-from ..layers import Mlp, PatchEmbed, WindowAttention, drop_path_schedule, make_drop_path, window_plan
+from ..layers import Mlp, PatchEmbed, WindowAttention, make_drop_path, window_plan
 from ..layers.tracing import ceil_div, is_symbolic, refuse_static_trace, symbolic_tracing
 from ..layers.window import shift_mask
 from ..registry import register_backbone
-from .base import BaseBackbone, resolve_arch
+from .base import BaseBackbone, drop_path_rates, resolve_arch
 
 
 class SwinBlock(nn.Module):
@@ -191,7 +191,7 @@ class Swin(BaseBackbone):
 
         self.patch_embed = PatchEmbed(in_chans, dim, patch_size, norm_layer=nn.LayerNorm)
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = drop_path_schedule(drop_path_rate, depths)
+        dpr = drop_path_rates(drop_path_rate, depths, 'linear')
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i in range(num_stages):
@@ -203,8 +203,6 @@ class Swin(BaseBackbone):
             self.feature_info.append(dict(num_chs=d, reduction=patch_size * 2**i, module=f'stages.{i}'))
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(dim * 2**i))
-        self._default_init()
-        self._freeze_stages()
 
     def _stem_and_stages(self):
         units = [nn.ModuleList([self.patch_embed])]
@@ -213,7 +211,6 @@ class Swin(BaseBackbone):
         return units
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self.check_input(x)
         x = self.pos_drop(self.patch_embed(x))
         b, h, w, c = x.shape
         hw = (h, w)
