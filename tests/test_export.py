@@ -140,9 +140,10 @@ def test_export_tool_end_to_end_and_argument_errors(tmp_path, capsys):
     tool = export_tool()
     out, pt2 = str(tmp_path / 'pvtv2.onnx'), str(tmp_path / 'pvtv2.pt2')
     arch = '{"base": "b0", "depths": [1, 1, 1, 1]}'
-    assert tool.main(['PVTv2', '--arch', arch, '--out', out, '--pt2', pt2, '--check-size', '97x203', '--repeats', '1']) == 0
+    assert tool.main(['PVTv2', '--arch', arch, '--out', out, '--pt2', pt2, '--check-size', '97x203,64x80', '--repeats', '1']) == 0
     text = capsys.readouterr().out
     assert "['batch', 3, 'height', 'width']" in text and 'parity at 97x203' in text and 'onnxruntime' in text
+    assert 'parity at 64x80' in text and 'time per forward at 64x80' in text
     assert os.path.exists(out) and os.path.exists(pt2)
     loaded = torch.export.load(pt2).module()  # the saved program runs at another size
     x = torch.randn(1, 3, 80, 96)
@@ -150,6 +151,8 @@ def test_export_tool_end_to_end_and_argument_errors(tmp_path, capsys):
     for argv, message in ((['ResNet50'], 'unknown backbone'), (['Swin', '--arch', 'huge'], 'cannot build Swin'),
                           (['Swin', '--check-size', '333by517'], '--check-size must be HxW'),
                           (['Swin', '--check-size', '16x16'], 'outside the exported range'),
+                          (['Swin', '--check-size', '224x224,16x16'], 'outside the exported range'),
+                          (['all', '--arch', 'tiny'], 'one class-default variant per backbone'),
                           (['Swin', '--checkpoint', str(tmp_path / 'missing.pth')], 'does not exist'),
                           (['Swin', '--arch', '{"base": tiny}'], 'does not parse')):
         assert tool.main(argv + ['--out', str(tmp_path / 'x.onnx')]) == 2, argv

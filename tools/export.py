@@ -5,12 +5,13 @@ width, then check it in onnxruntime at a second input size against the eager mod
     python tools/export.py Swin --arch tiny --out work_dirs/swin_t.onnx
     python tools/export.py PVTv2 --arch b2 --checkpoint pvt_v2_b2.pth --pt2 work_dirs/pvtv2_b2.pt2
     python tools/export.py LeViT --arch '{"base": "128s", "depths": [1, 1, 1]}' --check-size 480x640
+    python tools/export.py all --check-size 224x224,256x320,333x517    # every backbone, a summary table
 
 Steps: build the backbone (``vit_backbones.build_backbone(name, arch, checkpoint=...)``, any supported
 checkpoint layout), ``torch.export.export`` it with ``Dim``s for batch, H and W (H, W from
 :func:`export_min_size` to ``--max-size``), optionally save that program (``--pt2``), convert it with
 ``torch.onnx.export(..., dynamo=True)`` (input ``image``, outputs ``level<i>``, axes ``batch``,
-``height``, ``width`` symbolic), then run the ONNX file in onnxruntime at ``--check-size`` (default
+``height``, ``width`` symbolic), then run the ONNX file in onnxruntime at each ``--check-size`` (default
 333x517, a size no stride divides) and print the parity (max |difference| / max |eager activation|, per
 level) and the eager / onnxruntime times. Exit status 0 when the parity is within ``--tol``, 1 when
 not, 2 for bad arguments.
@@ -134,14 +135,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument('backbone', help='registered backbone name (python -c "import vit_backbones; '
-                                    'print(vit_backbones.list_backbones())")')
+                                    'print(vit_backbones.list_backbones())"), or all: every class-default '
+                                    'variant, with a summary table')
     p.add_argument('--arch', help='variant name or a JSON dict of hyper-parameters (default: the class default)')
     p.add_argument('--checkpoint', help='weights in any supported layout (official, timm, HF, mmdet/mmseg, ours)')
     p.add_argument('--out', help='ONNX file to write (default work_dirs/export/<backbone>.onnx)')
     p.add_argument('--pt2', help='also save the torch.export program here (torch.export.save)')
     p.add_argument('--no-onnx', action='store_true', help='write only the --pt2 program (no onnx packages needed)')
     p.add_argument('--export-size', default='224x224', help='example input size for tracing (default 224x224)')
-    p.add_argument('--check-size', default='333x517', help='onnxruntime check input size (default 333x517)')
+    p.add_argument('--check-size', default='333x517',
+                   help='onnxruntime check input size(s), comma-separated HxW (default 333x517)')
     p.add_argument('--batch', type=int, default=1, help='batch of the check run (default 1)')
     p.add_argument('--max-size', type=int, default=4096, help='largest H/W the graph accepts (default 4096)')
     p.add_argument('--max-batch', type=int, default=256, help='largest batch the graph accepts (default 256)')
@@ -161,9 +164,13 @@ def main(argv=None) -> int:
         return 2
 
 
+def _check_sizes(text: str):
+    return [_size(part, '--check-size') for part in text.split(',')]
+
+
 def run(args) -> int:
     export_hw = _size(args.export_size, '--export-size')
-    check_hw = _size(args.check_size, '--check-size')
+    check_sizes = _check_sizes(args.check_size)
     if args.batch < 1 or args.max_batch < args.batch:
         raise ArgumentError(f'--batch must be in [1, --max-batch={args.max_batch}], got {args.batch}')
     if args.repeats < 1:
@@ -183,9 +190,19 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = vit_backbones.list_backbones()
+    if args.backbone.lower() == 'all':
+        if args.checkpoint or args.arch or args.pt2 or args.out:
+            raise ArgumentError('all: one class-default variant per backbone; --arch, --checkpoint, --out and --pt2 '
+                                'are for a single backbone')
+        return run_all(args, names, export_hw, check_sizes)
     name = next((n for n in names if n.lower() == args.backbone.lower()), None)
     if name is None:
-        raise ArgumentError(f'unknown backbone {args.backbone!r}; choose one of {", ".join(names)}')
+        raise ArgumentError(f'unknown backbone {args.backbone!r}; choose one of {", ".join(names)} (or all)')
+    return 0 if export_and_check(args, name, export_hw, check_sizes)['ok'] else 1
+
+
+def build_model(args, name):
+    import vit_backbones
     kwargs = {} if args.arch is None else dict(arch=_arch(args.arch))
     try:
         model = vit_backbones.build_backbone(name, checkpoint=args.checkpoint, **kwargs)
@@ -195,9 +212,15 @@ def run(args) -> int:
         if args.checkpoint is None:
             raise
         raise ArgumentError(f'cannot load --checkpoint {args.checkpoint!r} into {name}: {e}') from None
-    model.eval()
+    return model.eval()
+
+
+def export_and_check(args, name, export_hw, check_sizes) -> dict:
+    """Export one backbone and check it; prints as it goes, returns a summary (``ok``: parity within --tol)."""
+    import torch
+    model = build_model(args, name)
     lo = export_min_size(model)
-    for what, (h, w) in (('--export-size', export_hw), ('--check-size', check_hw)):
+    for what, (h, w) in [('--export-size', export_hw)] + [('--check-size', hw) for hw in check_sizes]:
         if min(h, w) < lo or max(h, w) > args.max_size:
             raise ArgumentError(f'{what} {h}x{w} is outside the exported range [{lo}, {args.max_size}] of {name} '
                                 f'(see export_min_size in tools/export.py)')
@@ -209,8 +232,10 @@ def run(args) -> int:
     torch.manual_seed(0)
     # batch 2: torch.export specialises an example dimension of size 1 to a constant (its 0/1 rule)
     example = torch.randn(2, 3, *export_hw)
-    print(f'{name} ({getattr(model, "arch_name", args.arch)}): dynamic batch [1, {args.max_batch}], '
-          f'H and W [{lo}, {args.max_size}], traced at 2x3x{export_hw[0]}x{export_hw[1]}')
+    arch = getattr(model, 'arch_name', None) or args.arch
+    summary = dict(name=name, arch=arch, min_size=lo, ok=True, parity={}, times={})
+    print(f'{name} ({arch}): dynamic batch [1, {args.max_batch}], H and W [{lo}, {args.max_size}], traced at '
+          f'2x3x{export_hw[0]}x{export_hw[1]}', flush=True)
 
     if args.pt2:
         t = time.perf_counter()
@@ -218,49 +243,99 @@ def run(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.pt2)), exist_ok=True)
         torch.export.save(program, args.pt2)
         print(f'torch.export program: {args.pt2} ({time.perf_counter() - t:.1f} s)')
-        x = torch.randn(args.batch, 3, *check_hw)
-        with torch.no_grad():
-            err = relative_error([r.numpy() for r in model(x)], [o.numpy() for o in program.module()(x)])
-        print(f'torch.export program at {check_hw[0]}x{check_hw[1]} (batch {args.batch}): relative error {err:.2e}')
+        for hw in check_sizes:
+            x = torch.randn(args.batch, 3, *hw)
+            with torch.no_grad():
+                err = relative_error([r.numpy() for r in model(x)], [o.numpy() for o in program.module()(x)])
+            print(f'torch.export program at {hw[0]}x{hw[1]} (batch {args.batch}): relative error {err:.2e}')
+            summary['ok'] &= err <= args.tol
     if args.no_onnx:
-        return 0
+        return summary
 
     import onnxruntime as ort
     out = args.out or os.path.join('work_dirs', 'export', f'{name}.onnx')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     t = time.perf_counter()
     outputs = export_onnx(model, example, out, args.max_size, args.max_batch, args.opset)[0]
+    summary['export_s'] = time.perf_counter() - t
     files = [f for f in (out, out + '.data') if os.path.exists(f)]  # weights in a side file (external data)
     size = sum(os.path.getsize(f) for f in files) / 2**20
-    print(f'ONNX: {" + ".join(files)} ({size:.1f} MiB, {time.perf_counter() - t:.1f} s), input image '
-          f'{onnx_input_dims(out)}, outputs {", ".join(outputs)}')
+    summary['dims'] = onnx_input_dims(out)
+    print(f'ONNX: {" + ".join(files)} ({size:.1f} MiB, {summary["export_s"]:.1f} s), input image '
+          f'{summary["dims"]}, outputs {", ".join(outputs)}', flush=True)
 
     options = ort.SessionOptions()
     if args.threads:
         options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(out, options, providers=['CPUExecutionProvider'])
-    x = torch.randn(args.batch, 3, *check_hw)
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    for hw in check_sizes:
+        x = torch.randn(args.batch, 3, *hw)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        with torch.no_grad():
+            ref = [r.numpy() for r in model(x)]
+        got = session.run(None, feed)
+        if [r.shape for r in ref] != [g.shape for g in got]:
+            print(f'onnxruntime output shapes {[g.shape for g in got]} differ from eager {[r.shape for r in ref]} '
+                  f'at {hw[0]}x{hw[1]}')
+            summary['ok'] = False
+            summary['parity'][hw] = float('inf')
+            continue
+        err = relative_error(ref, got)
+        summary['parity'][hw] = err
+        summary['ok'] &= err <= args.tol
+        scale = max(float(abs(r).max()) for r in ref)
+        levels = ', '.join(f'{o}: {float(abs(r - g).max()) / scale:.1e}' for o, r, g in zip(outputs, ref, got))
+        print(f'parity at {hw[0]}x{hw[1]} (batch {args.batch}): max |onnxruntime - eager| / max |eager| = '
+              f'{err:.2e} ({levels})')
+        with torch.no_grad():
+            t_eager = _median_time(lambda: model(x), args.repeats)
+        t_ort = _median_time(lambda: session.run(None, feed), args.repeats)
+        summary['times'][hw] = (t_eager, t_ort)
+        print(f'time per forward at {hw[0]}x{hw[1]} (median of {args.repeats}): eager {t_eager * 1e3:.1f} ms, '
+              f'onnxruntime {t_ort * 1e3:.1f} ms ({t_eager / t_ort:.2f}x)', flush=True)
+        if err > args.tol:
+            print(f'parity {err:.2e} exceeds --tol {args.tol:g}')
+    return summary
+
+
+def jit_trace_behaviour(model, export_hw, check_hw) -> str:
+    """What ``torch.jit.trace`` at ``export_hw`` does: refuses (StaticTraceError) or its error at ``check_hw``."""
+    import torch
+    from vit_backbones.layers.tracing import StaticTraceError
+    try:
+        traced = torch.jit.trace(model, torch.randn(1, 3, *export_hw), check_trace=False)
+    except StaticTraceError:
+        return 'refuses'
+    x = torch.randn(1, 3, *check_hw)
     with torch.no_grad():
-        ref = [r.numpy() for r in model(x)]
-    got = session.run(None, feed)
-    if [r.shape for r in ref] != [g.shape for g in got]:
-        print(f'onnxruntime output shapes {[g.shape for g in got]} differ from eager {[r.shape for r in ref]}')
-        return 1
-    err = relative_error(ref, got)
-    scale = max(float(abs(r).max()) for r in ref)
-    levels = ', '.join(f'{o}: {float(abs(r - g).max()) / scale:.1e}' for o, r, g in zip(outputs, ref, got))
-    print(f'parity at {check_hw[0]}x{check_hw[1]} (batch {args.batch}): max |onnxruntime - eager| / max |eager| = '
-          f'{err:.2e} ({levels})')
-    with torch.no_grad():
-        t_eager = _median_time(lambda: model(x), args.repeats)
-    t_ort = _median_time(lambda: session.run(None, feed), args.repeats)
-    print(f'time per forward (median of {args.repeats}): eager {t_eager * 1e3:.1f} ms, onnxruntime '
-          f'{t_ort * 1e3:.1f} ms ({t_eager / t_ort:.2f}x)')
-    if err > args.tol:
-        print(f'parity {err:.2e} exceeds --tol {args.tol:g}')
-        return 1
-    return 0
+        err = relative_error([r.numpy() for r in model(x)], [o.numpy() for o in traced(x)])
+    return f'right at {check_hw[0]}x{check_hw[1]} ({err:.0e})'
+
+
+def run_all(args, names, export_hw, check_sizes) -> int:
+    """``all``: every backbone's class-default variant; a markdown table at the end."""
+    import warnings
+    rows, ok = [], True
+    for name in names:
+        args.out = os.path.join('work_dirs', 'export', f'{name}.onnx')
+        summary = export_and_check(args, name, export_hw, check_sizes)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # the tracer's warnings about Python values
+            summary['jit'] = jit_trace_behaviour(build_model(args, name), export_hw, check_sizes[-1])
+        args.out = None
+        rows.append(summary)
+        ok &= summary['ok']
+    sizes = ', '.join(f'{h}x{w}' for h, w in check_sizes)
+    print(f'\n| backbone | H, W range | ONNX export s | ORT parity at {sizes} | eager / ORT ms at {sizes} | '
+          'jit.trace at 224 |')
+    print('|---|---|---|---|---|---|')
+    for r in rows:
+        parity = ' / '.join(f'{r["parity"][hw]:.1e}' for hw in check_sizes)
+        times = ' / '.join(f'{r["times"][hw][0] * 1e3:.0f}:{r["times"][hw][1] * 1e3:.0f}' for hw in check_sizes
+                           if hw in r['times'])
+        print(f'| {r["name"]} {r["arch"]} | [{r["min_size"]}, {args.max_size}] | {r["export_s"]:.0f} | {parity} | '
+              f'{times} | {r["jit"]} |')
+    return 0 if ok else 1
 
 
 def _importable(module: str) -> bool:
