@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vit_backbones
 from vit_backbones.layers import (Attention, DropPath, PatchEmbed, RelativePositionBias, drop_path_schedule, nchw_to_nlc,
                                   nlc_to_nchw, pad_to_window, relative_position_index, resample_abs_pos_embed,
                                   resize_rel_pos_table, scaled_dot_product, shifted_window_mask, window_partition,
@@ -472,3 +473,42 @@ def test_attention_family_shares_one_base_and_layers_import_without_cycles():
 
     cycles = sorted(m for m in graph if reaches(m, m))
     assert not cycles, cycles
+
+
+def test_eval_bias_caches_follow_the_weights():
+    """Eval reuses the relative-position bias and the SDPA masks built from it (one per block and size);
+    an in-place change of a table (optimizer step, load_state_dict), a new dtype or a new size must give
+    what a model without any cache gives."""
+    from vit_backbones.layers.window_attention import _SDPA_BIAS
+    torch.manual_seed(0)
+    arch = {'base': 'tiny', 'embed_dims': 24, 'depths': (2, 2, 2, 2), 'num_heads': (1, 2, 3, 4)}
+    model = vit_backbones.build_backbone('Swin', arch).eval()
+    x = torch.randn(1, 3, 97, 131)
+
+    def fresh(m, inp):  # the same weights, nothing cached
+        clone = vit_backbones.build_backbone('Swin', arch).eval().to(next(m.parameters()).dtype)
+        clone.load_state_dict(m.state_dict())
+        _SDPA_BIAS.clear()
+        with torch.no_grad():
+            return clone(inp)
+
+    with torch.no_grad():
+        model(x)
+        assert _SDPA_BIAS.entries  # something was cached
+        first = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh(model, x)))
+    with torch.no_grad():
+        model(x)
+        for name, p in model.named_parameters():
+            if name.endswith('relative_position_bias_table'):
+                p.add_(torch.randn_like(p))  # in place, as an optimizer step
+        after = model(x)
+    ref = fresh(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(after, ref))
+    assert not all(torch.equal(a, b) for a, b in zip(after, first))
+    model.double()
+    x64 = torch.randn(2, 3, 64, 80, dtype=torch.float64)
+    with torch.no_grad():
+        model(x64)
+        out = model(x64)
+    assert all(torch.equal(a, b) for a, b in zip(out, fresh(model, x64)))

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import tracing
+
 
 def relative_position_index(window: Tuple[int, int], table_window: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Index (N, N) into a (2*th-1)*(2*tw-1) table for every token pair of a ``window``-sized window.
@@ -59,10 +61,22 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, window: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         window = self.window if window is None else tuple(window)
+        table = self.relative_position_bias_table
+        constant = not tracing() and not (torch.is_grad_enabled() and table.requires_grad)
+        if constant:  # eval / frozen: the same bias until the table changes (in place: _version; moved: data_ptr)
+            key = (window, table.device, table.dtype, table._version, table.data_ptr())
+            cached = self.__dict__.get('_constant_bias')
+            if cached is not None and cached[0] == key:
+                return cached[1]
         index = self.relative_position_index if window == self.window else relative_position_index(
-            window, self.window).to(self.relative_position_bias_table.device)
+            window, self.window).to(table.device)
         n = window[0] * window[1]
-        return self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        bias = table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        if constant:
+            bias = bias.detach()
+            bias._vb_constant = True  # window_attention may cache what it derives from it (see there)
+            self.__dict__['_constant_bias'] = (key, bias)
+        return bias
 
     def resize_state(self, table: torch.Tensor) -> torch.Tensor:
         """Resize a checkpoint's table (any square window) to this module's window."""

@@ -21,6 +21,7 @@ The bias is a per-head relative-position bias (heads, N, N) plus an optional per
 ((nW, N, N) shift mask or (nW, 1, N) key-padding mask), kept apart so the gradient of the learned part
 is one reduction.
 """
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -201,8 +202,7 @@ def window_attention(qkv: torch.Tensor,
         out = explicit_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), dropout_p, scale)
     else:  # no bias gradient needed: the fused kernel (with its fused backward in training)
         q, k, v = qkvw.unbind(0)
-        out = _fused_attention(q, k, v, _combined_bias(rel_bias, mask, nw, n), mask is not None, nw, n,
-                               dropout_p, scale)
+        out = _fused_attention(q, k, v, rel_bias, mask, nw, n, dropout_p, scale)
         if not needs_grad:
             return _scatter_out(out.view(b, num_heads, nw * n, d), plan)
     out = out.reshape(b, num_heads, nw * n, d)
@@ -247,18 +247,63 @@ def _traced_window_attention(qkv, plan, num_heads, scale, rel_bias, mask, qkv_bi
     return out.view(b, num_heads * length, d).index_select(1, back).view(b, hw, num_heads * d)
 
 
-def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                     per_window: bool, nw, n: int, dropout_p: float, scale: float) -> torch.Tensor:
-    """SDPA inside the windows of (B, heads, nW*N, d) q, k, v; ``bias`` from :func:`_combined_bias`,
-    ``per_window`` when it has a window axis (a mask)."""
+class _SdpaBiasCache:
+    """The SDPA masks :func:`_fused_attention` builds from a constant relative-position bias (eval, or a
+    frozen table: ``RelativePositionBias`` then returns the same tensor, marked ``_vb_constant``, until
+    its table changes) and a cached window mask, kept in the attention dtype: with a shift mask that is a
+    (1, heads*nW, N, N) copy per block and call otherwise, plus its cast under autocast.
+
+    Least recently used entries go once the entries hold more than ``max_bytes``; every entry holds its
+    source tensors, so the ids in its key cannot be reused while it lives.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = max_bytes
+        self.entries = OrderedDict()
+        self.bytes = 0
+
+    def get(self, rel, mask, key, build):
+        if rel is None or not getattr(rel, '_vb_constant', False):
+            return build()
+        full_key = (id(rel), rel._version, id(mask)) + key
+        hit = self.entries.get(full_key)
+        if hit is not None:
+            self.entries.move_to_end(full_key)
+            return hit[0]
+        value = build()
+        size = value.numel() * value.element_size()
+        if size <= self.max_bytes:
+            self.entries[full_key] = (value, rel, mask)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                old, _, _ = self.entries.popitem(last=False)[1]
+                self.bytes -= old.numel() * old.element_size()
+        return value
+
+    def clear(self):
+        self.entries.clear()
+        self.bytes = 0
+
+
+_SDPA_BIAS = _SdpaBiasCache()
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: Optional[torch.Tensor],
+                     mask: Optional[torch.Tensor], nw, n: int, dropout_p: float, scale: float) -> torch.Tensor:
+    """SDPA inside the windows of (B, heads, nW*N, d) q, k, v with the (heads, N, N) ``rel`` bias and the
+    (nW, N|1, N) ``mask`` (either may be None)."""
     b, heads, _, d = q.shape
-    if per_window:  # (heads|1, nW, N, N): windows x heads as one batch dim
+    if mask is not None:  # (heads|1, nW, N, N): windows x heads as one batch dim
         q, k, v = (t.reshape(b, heads * nw, n, d) for t in (q, k, v))
-        bias = bias.expand(heads, nw, n, n).reshape(1, heads * nw, n, n)
+
+        def build():
+            return _combined_bias(rel, mask, nw, n).to(q.dtype).expand(heads, nw, n, n).reshape(1, heads * nw, n, n)
+        bias = _SDPA_BIAS.get(rel, mask, ('windows', heads, nw, q.dtype), build)
     else:  # (heads, 1, N, N) or none: batch x heads as the batch dim, windows as the "heads" dim
         q, k, v = (t.reshape(b * heads, nw, n, d) for t in (q, k, v))
-        if bias is not None:
-            bias = bias.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * heads, 1, n, n)
-    if bias is not None and bias.dtype != q.dtype:
-        bias = bias.to(q.dtype)
+        bias = None
+        if rel is not None:
+            def build():
+                return rel.to(q.dtype).unsqueeze(0).expand(b, -1, -1, -1).reshape(b * heads, 1, n, n)
+            bias = _SDPA_BIAS.get(rel, None, ('batch', b, q.dtype), build)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
