@@ -355,6 +355,45 @@ def test_list_backbones_pattern_and_suggestions():
         vit_backbones.build_backbone('pvt_v2')
 
 
+_LIGHT_IMPORT = r"""
+import sys
+import torch
+import vit_backbones
+from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPERS
+heavy = [m for m in ('mmengine.model', 'mmengine.optim', 'mmengine.hooks', 'vit_backbones.models',
+                     'vit_backbones.runtime.amp', 'vit_backbones.runtime.checkpoint_hook', 'vit_backbones.features')
+         if m in sys.modules]
+assert not heavy, heavy
+assert any('HistoryBuffer' in str(g) for g in torch.serialization.get_safe_globals()), 'mmengine types not allowed'
+names = vit_backbones.list_backbones()
+assert len(names) == 12 and all(n in MODELS.module_dict for n in names), names
+assert 'SafeCheckpointHook' in HOOKS.module_dict and 'BF16AutocastOptimWrapper' in OPTIM_WRAPPERS.module_dict
+model = MODELS.build(dict(type='Swin', arch=dict(base='tiny', embed_dims=16, depths=(1, 1, 1, 1),
+                                                num_heads=(1, 2, 2, 4))))
+assert type(model) is vit_backbones.get_backbone_class('Swin') is MODELS.get('Swin'), MODELS.get('Swin')
+assert all(isinstance(MODELS.get(n), type) for n in names)  # the first build imported every backbone
+hook = HOOKS.build(dict(type='SafeCheckpointHook', interval=1))
+assert type(hook) is HOOKS.get('SafeCheckpointHook') and type(hook).__module__ == 'vit_backbones.runtime.checkpoint_hook'
+vit_backbones.register_all()
+assert isinstance(OPTIM_WRAPPERS.get('BF16AutocastOptimWrapper'), type)
+from vit_backbones.registry import BACKBONE_MODULES, _BACKBONES
+assert sorted(_BACKBONES) == sorted(BACKBONE_MODULES) == names
+assert all(_BACKBONES[n].__module__ == BACKBONE_MODULES[n] for n in names)
+print('ok')
+"""
+
+
+def test_import_is_light_and_config_names_resolve_on_first_build():
+    """``import vit_backbones`` allow-lists mmengine's checkpoint types and registers every name a config
+    uses without importing mmengine.model or a model module; the first build from mmengine's registry
+    gives the real class (and puts the real classes in the registry); the table of modules is right."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, '-c', _LIGHT_IMPORT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
+
+
 def _mmdet_backbones(folder, prefix):
     for fname in sorted(os.listdir(osp.join(MMDET_CONFIGS, folder))):
         if fname.startswith(prefix) and fname.endswith('.py'):

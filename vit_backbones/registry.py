@@ -8,11 +8,22 @@ this package importing mmdet or mmseg.
 """
 import difflib
 import fnmatch
-from typing import Dict, List, Optional, Type
+import importlib
+from typing import Callable, Dict, List, Optional, Type
 
 from mmengine.registry import MODELS
 
 _BACKBONES: Dict[str, Type] = {}
+
+#: the module that defines each of our backbones: ``import vit_backbones`` registers the names only, and
+#: the modules (with mmengine.model, which they build on) are imported when one is first asked for
+BACKBONE_MODULES = {
+    'Swin': 'vit_backbones.models.swin', 'ShuffleTransformer': 'vit_backbones.models.shuffle',
+    'PVT': 'vit_backbones.models.pvt', 'PVTv2': 'vit_backbones.models.pvt', 'CvT': 'vit_backbones.models.cvt',
+    'LeViT': 'vit_backbones.models.levit', 'ViT': 'vit_backbones.models.vit', 'DeiT': 'vit_backbones.models.vit',
+    'CaiT': 'vit_backbones.models.cait', 'DeepViT': 'vit_backbones.models.deepvit',
+    'CPVT': 'vit_backbones.models.cpvt', 'CeiT': 'vit_backbones.models.ceit',
+}
 
 #: what a config needs before it can name our backbones
 CUSTOM_IMPORTS_HINT = "custom_imports=dict(imports=['vit_backbones'], allow_failed_imports=False)"
@@ -28,10 +39,48 @@ def register_backbone(cls: Type) -> Type:
     return cls
 
 
+def _deferred(name: str, module: str) -> Callable:
+    """A stand-in for ``module.name`` in an mmengine registry: building it imports ``module`` (which
+    registers the real class under ``name``, replacing the stand-in) and builds the real class."""
+
+    def build(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f'{name} of {module}, imported when first built'
+    build.deferred_to = module
+    return build
+
+
+def register_deferred(registry, name: str, module: str) -> None:
+    """Put ``name`` into the mmengine ``registry`` now, defined by ``module`` when it is first built
+    (configs name it after ``custom_imports=dict(imports=['vit_backbones'])``; importing the module itself
+    registers the real class, see :func:`register_real`)."""
+    if name not in registry.module_dict:
+        registry.register_module(name=name, module=_deferred(name, module))
+
+
+def register_real(registry, cls: Type) -> Type:
+    """Register ``cls`` in an mmengine ``registry`` under its name, replacing our deferred stand-in; an
+    entry of that name that is neither is somebody else's and is kept."""
+    current = registry.module_dict.get(cls.__name__)
+    if current is None or hasattr(current, 'deferred_to'):
+        registry.register_module(name=cls.__name__, module=cls, force=True)
+    return cls
+
+
+def register_all() -> None:
+    """Import everything the deferred names stand for: every backbone, ``SafeCheckpointHook`` and
+    ``BF16AutocastOptimWrapper`` are then real classes in mmengine's registries."""
+    importlib.import_module('vit_backbones.models')
+    importlib.import_module('vit_backbones.runtime.amp')
+    importlib.import_module('vit_backbones.runtime.checkpoint_hook')
+
+
 def list_backbones(pattern: Optional[str] = None) -> List[str]:
     """Names of the registered backbones, sorted; ``pattern`` keeps those matching an fnmatch pattern
     (case-insensitive, e.g. ``'*swin*'``, ``'pvt*'``)."""
-    names = sorted(_BACKBONES)
+    names = sorted(set(_BACKBONES) | set(BACKBONE_MODULES))
     if pattern is None:
         return names
     return [n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
@@ -45,10 +94,12 @@ def suggest_names(name: str, choices, n: int = 3) -> List[str]:
 
 def get_backbone_class(name: str) -> Type:
     """The backbone class registered as ``name``; a miss names the closest registered backbones."""
+    if isinstance(name, str) and name not in _BACKBONES and name in BACKBONE_MODULES:
+        importlib.import_module(BACKBONE_MODULES[name])
     try:
         return _BACKBONES[name]
     except (KeyError, TypeError):
-        close = suggest_names(name, _BACKBONES)
+        close = suggest_names(name, list_backbones())
         hint = f'did you mean {" or ".join(repr(c) for c in close)}? ' if close else ''
         raise KeyError(f'unknown backbone {name!r}; {hint}known backbones: {", ".join(list_backbones())}. In an '
                        f'mmdet/mmseg config, name one of them after {CUSTOM_IMPORTS_HINT}') from None

@@ -9,16 +9,28 @@
 * :mod:`.scope`: whether a config is an mmdet or an mmseg one, and registering that library's modules.
 * :mod:`.distributed`: ``--launcher pytorch|slurm|mpi`` on machines without CUDA.
 
-Everything imports with torch, mmengine and numpy alone; mmdet and mmseg are imported lazily.
+Everything imports with torch, mmengine and numpy alone; mmdet and mmseg are imported lazily. The names
+below are imported from their module when first used (``from vit_backbones.runtime import enable_amp``
+imports ``.amp`` only), so that ``import vit_backbones`` needs :mod:`.safe_globals` alone.
 """
-from .amp import BF16AutocastOptimWrapper, cpu_bf16_support, enable_amp
-from .checkpoint_hook import SafeCheckpointHook, find_resume_checkpoint, use_safe_checkpoint_hook
-from .distributed import init_cpu_distributed, prepare_distributed
-from .safe_globals import allow_mmengine_checkpoints, mmengine_safe_globals
-from .scope import SUPPORTED_SCOPES, register_scope_modules, resolve_scope
+import importlib
 
-__all__ = [
-    'allow_mmengine_checkpoints', 'mmengine_safe_globals', 'BF16AutocastOptimWrapper', 'cpu_bf16_support',
-    'enable_amp', 'SUPPORTED_SCOPES', 'resolve_scope', 'register_scope_modules', 'init_cpu_distributed',
-    'prepare_distributed', 'SafeCheckpointHook', 'find_resume_checkpoint', 'use_safe_checkpoint_hook'
-]
+_MODULE_OF = {
+    'BF16AutocastOptimWrapper': 'amp', 'cpu_bf16_support': 'amp', 'enable_amp': 'amp',
+    'SafeCheckpointHook': 'checkpoint_hook', 'find_resume_checkpoint': 'checkpoint_hook',
+    'use_safe_checkpoint_hook': 'checkpoint_hook',
+    'init_cpu_distributed': 'distributed', 'prepare_distributed': 'distributed',
+    'allow_mmengine_checkpoints': 'safe_globals', 'mmengine_safe_globals': 'safe_globals',
+    'SUPPORTED_SCOPES': 'scope', 'register_scope_modules': 'scope', 'resolve_scope': 'scope',
+}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f'.{_MODULE_OF[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -8,6 +8,8 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
+from ..registry import register_real
+
 __all__ = ['BF16AutocastOptimWrapper', 'cpu_bf16_support', 'enable_amp']
 
 class BF16AutocastOptimWrapper(OptimWrapper):
@@ -40,8 +42,7 @@ class BF16AutocastOptimWrapper(OptimWrapper):
             yield
 
 
-if 'BF16AutocastOptimWrapper' not in OPTIM_WRAPPERS.module_dict:
-    OPTIM_WRAPPERS.register_module(module=BF16AutocastOptimWrapper)
+register_real(OPTIM_WRAPPERS, BF16AutocastOptimWrapper)
 
 
 def cpu_bf16_support() -> Optional[str]:

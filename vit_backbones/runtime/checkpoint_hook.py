@@ -42,6 +42,8 @@ from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
 
+from ..registry import register_real
+
 __all__ = ['SafeCheckpointHook', 'atomic_write_bytes', 'capture_rng_state', 'restore_rng_state',
            'find_resume_checkpoint', 'RNG_STATE_KEY']
 
@@ -155,7 +157,6 @@ class _RestoreAfterReplay:
 # --------------------------------------------------------------------------------------------------
 
 
-@HOOKS.register_module()
 class SafeCheckpointHook(CheckpointHook):
     """mmengine's ``CheckpointHook`` (same arguments) with crash-safe saves and exact resume.
 
@@ -391,3 +392,6 @@ def use_safe_checkpoint_hook(cfg) -> Optional[str]:
     if ckpt.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook', CheckpointHook):
         ckpt['type'] = 'SafeCheckpointHook'
     return ckpt.get('type')
+
+
+register_real(HOOKS, SafeCheckpointHook)
