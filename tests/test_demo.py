@@ -58,23 +58,33 @@ def _load_demo_module():
 
 
 class _FakeLoop:
+    """A train loop whose length is fixed (no attribute but ``stop_training`` can be set)."""
+    __slots__ = ('stop_training', '_length')
+
     def __init__(self, max_iters):
-        self._max_iters = max_iters
+        self._length = max_iters
+        self.stop_training = False
 
     @property
     def max_iters(self):
-        return self._max_iters
+        return self._length
+
+
+class _FakeValLoop:
+    def __init__(self):
+        self.runs = 0
+
+    def run(self):
+        self.runs += 1
 
 
 class _FakeRunner:
     """What the demo hook's time budget reads and writes on a Runner."""
 
     def __init__(self, max_iters, schedulers):
-        from mmengine.logging import MessageHub
         self.iter = 0
         self.train_loop = _FakeLoop(max_iters)
-        self.message_hub = MessageHub.get_instance('test_demo_budget')
-        self.message_hub.update_info('max_iters', max_iters)
+        self.val_loop = _FakeValLoop()
         self.param_schedulers = schedulers
 
     @property
@@ -101,14 +111,16 @@ class _Clock:
 
 
 def _drive(hook, clock, runner, opt, schedulers, seconds_per_iter, upto):
-    """Run hook.before_train_iter for iterations 0..upto-1 on a fake clock, stepping the schedulers.
+    """Run the train loop's hook calls for iterations 0..upto-1 on a fake clock, stepping the schedulers,
+    as mmengine's ``IterBasedTrainLoop`` does (it stops at ``max_iters`` or when ``stop_training`` is set),
+    then ``after_train``.
 
     ``seconds_per_iter(i)`` is how long iteration ``i`` takes. Returns the lr used by each iteration.
     """
     lrs = []
     for i in range(upto):
         runner.iter = i
-        if i >= runner.max_iters:
+        if i >= runner.max_iters or runner.train_loop.stop_training:
             break
         hook.before_train_iter(runner, i)
         lrs.append(opt.param_groups[0]['lr'])
@@ -116,6 +128,9 @@ def _drive(hook, clock, runner, opt, schedulers, seconds_per_iter, upto):
         for s in schedulers:
             s.step()
         clock.now += seconds_per_iter(i)
+        hook.after_train_iter(runner, i)
+    runner.iter = len(lrs)
+    hook.after_train(runner)
     return lrs
 
 
@@ -132,8 +147,10 @@ def test_time_budget_shortens_the_run_and_refits_the_decay():
     hook = demo.make_demo_hook([], t_start=0.0, budget_s=300.0, clock=clock)
     lrs = _drive(hook, clock, runner, opt, [warm, cos], lambda i: 2.0, 600)
     expected = 20 + int(0.9 * (300.0 - (100.0 + 20 * 2.0) - 20.0) / 2.0)
-    assert runner.max_iters == expected == hook.planned[1] and hook.planned[0] == 600
-    assert runner.message_hub.get_info('max_iters') == expected
+    assert hook.stop_at == expected == hook.planned[1] and hook.planned[0] == 600
+    # stopped through the loop's public flag after the planned iterations; the loop itself is unchanged
+    assert runner.train_loop.stop_training and runner.max_iters == 600
+    assert runner.val_loop.runs == 1  # the final validation, which the loop runs only at its own end
     assert (warm.begin, warm.end) == (0, 40)  # the warmup is left alone
     assert (cos.begin, cos.end, cos.T_max) == (40, expected, expected - 40)
     assert len(lrs) == expected
@@ -153,9 +170,9 @@ def test_time_budget_shortens_again_when_the_machine_slows_down():
     # 2 s per iteration until iteration 50, then 6 s: the first plan no longer fits
     lrs = _drive(hook, clock, runner, opt, [warm, cos], lambda i: 2.0 if i < 50 else 6.0, 600)
     first = 20 + int(0.9 * (400.0 - (100.0 + 20 * 2.0) - 20.0) / 2.0)
-    assert runner.max_iters < first
+    assert len(lrs) == hook.stop_at < first and runner.train_loop.stop_training
     assert clock.now + 20.0 <= 400.0 + 6.0, 'the run ended within the budget (one iteration of slack)'
-    assert (cos.end, cos.T_max) == (runner.max_iters, runner.max_iters - 40)
+    assert (cos.end, cos.T_max) == (hook.stop_at, hook.stop_at - 40)
     assert _non_increasing(lrs[40:])
     assert lrs[-1] < 0.25 * 4e-4
 
@@ -166,9 +183,10 @@ def test_time_budget_leaves_a_run_that_fits_alone():
     runner = _FakeRunner(100, [warm, cos])
     clock = _Clock(10.0)
     hook = demo.make_demo_hook([], t_start=0.0, budget_s=3600.0, clock=clock)
-    _drive(hook, clock, runner, opt, [warm, cos], lambda i: 1.0, 100)
-    assert runner.max_iters == 100 and (cos.end, cos.T_max) == (100, 60)
+    lrs = _drive(hook, clock, runner, opt, [warm, cos], lambda i: 1.0, 100)
+    assert len(lrs) == 100 and not runner.train_loop.stop_training and (cos.end, cos.T_max) == (100, 60)
     assert hook.planned is None  # nothing was decided: the run fits
+    assert runner.val_loop.runs == 0  # the loop validates at its own end
 
 
 def test_choose_threads():

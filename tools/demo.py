@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import os.path as osp
-import random
 import sys
 import time
 
@@ -77,18 +76,6 @@ def parse_args(argv=None):
 def log(msg):
     """Print a phase line, flushed, so it interleaves correctly with mmengine's logger."""
     print(f'[demo {time.strftime("%H:%M:%S")}] {msg}', flush=True)
-
-
-def seed_everything(seed):
-    """Seed Python, numpy and torch.
-
-    Args:
-        seed: The seed.
-    """
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def choose_threads(requested=None):
@@ -197,19 +184,25 @@ def build_config(args, data_root, work_dir, iters):
 
 # --------------------------------------------------------------------------------------------- hooks
 
-def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_every=20, clock=time.time):
+def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_every=20, clock=time.time,
+                   save_on_stop=False):
     """Build the hook that evaluates before training, records every validation and keeps the time budget.
 
     The time budget: after ``decide_at`` training iterations the hook measures the time per iteration
     (leaving out the first two, which are slower) and, if the configured iterations would not fit in
     ``budget_s`` seconds of wall time (counted from ``t_start``; room is kept for the final evaluation,
-    estimated by the untrained one, for the picture, and a 10% margin), it shortens the run. Every
+    estimated by the untrained one, for the picture, and a 10% margin), it plans a shorter run. Every
     ``recheck_every`` iterations after that it projects the end time again from the recent speed (the
-    slower of the last ``recheck_every`` and the last 5 iterations) and,
-    should the machine have slowed down so much that the run would overrun the budget, shortens it again.
-    The decay schedule that ends with the run (cosine or poly, both in mmengine's chainable form) is
-    re-fitted to end at the new length, so the run still anneals to its final learning rate; a warmup
-    that has already started is left alone. The hook never lengthens a run.
+    slower of the last ``recheck_every`` and the last 5 iterations) and, should the machine have slowed
+    down so much that the run would overrun the budget, plans a shorter one again. The decay schedule
+    that ends with the run (cosine or poly, both in mmengine's chainable form) is re-fitted to end at the
+    planned length, so the run still anneals to its final learning rate; a warmup that has already
+    started is left alone. The hook never lengthens a run.
+
+    A shortened run ends as mmengine's ``EarlyStoppingHook`` ends one, through the public
+    ``runner.train_loop.stop_training`` flag once the planned iterations are done; the train loop
+    validates only at its configured end, so the hook then runs the final validation itself (and, with
+    ``save_on_stop``, saves the weights through ``runner.save_checkpoint``).
 
     Args:
         vis_indices: Validation-set indices whose untrained predictions are kept for the picture.
@@ -218,12 +211,14 @@ def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_ev
         decide_at: Iteration at which the number of iterations is first decided.
         recheck_every: Iterations between later checks against the budget.
         clock: Returns the current time in seconds (``time.time``; replaceable for tests).
+        save_on_stop: Save the weights when the budget ends the run early.
 
     Returns:
         A ``mmengine.hooks.Hook`` instance with ``results`` (list of ``(iteration, metrics, seconds)``),
-        ``untrained_predictions`` (dataset index -> prediction dict), ``train_start`` and ``planned``
-        (the iteration count configured and the one finally planned; None until training starts or,
-        in tests that skip ``before_train``, until a budget decision shortens the run).
+        ``untrained_predictions`` (dataset index -> prediction dict), ``train_start``, ``stop_at`` (the
+        planned number of iterations; None until training starts or a budget decision is made) and
+        ``planned`` (the iteration count configured and the one finally planned; None until training
+        starts or, in tests that skip ``before_train``, until a budget decision shortens the run).
     """
     from mmengine.hooks import Hook
 
@@ -237,6 +232,8 @@ def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_ev
             self.untrained_predictions = {}
             self.train_start = None
             self.planned = None
+            self.stop_at = None
+            self._stopped = False
             self._val_start = None
             self._iter_starts = []
 
@@ -246,6 +243,7 @@ def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_ev
             runner.val_loop.run()
             self.train_start = clock()
             self.planned = (runner.max_iters, runner.max_iters)
+            self.stop_at = runner.max_iters
             log(f'training for {runner.max_iters} iterations'
                 + (f' (fewer if they would not fit the {budget_s / 60:.1f}-minute budget)' if budget_s else '')
                 + ' ...')
@@ -254,7 +252,8 @@ def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_ev
             now = clock()
             self._iter_starts.append(now)
             it = runner.iter
-            if budget_s is None or it < decide_at or it >= runner.max_iters - 1:
+            end = self.stop_at or runner.max_iters
+            if budget_s is None or it < decide_at or it >= end - 1:
                 return
             # seconds kept for the final evaluation, the picture and the checkpoint
             tail_s = 1.1 * (self.results[0][2] if self.results else 0.0) + 20.0
@@ -266,30 +265,29 @@ def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_ev
                 # in the latest ones
                 per_iter = max((starts[-1] - starts[-1 - recheck_every]) / recheck_every,
                                (starts[-1] - starts[-6]) / 5)
-                projected = (now - t_start) + (runner.max_iters - it) * per_iter + tail_s
+                projected = (now - t_start) + (end - it) * per_iter + tail_s
                 if projected <= budget_s:
                     return
             else:
                 return
             fit = it + int(0.9 * (budget_s - (now - t_start) - tail_s) / per_iter)
-            if fit >= runner.max_iters:
-                log(f'{per_iter:.2f} s/iteration: all {runner.max_iters} iterations fit the budget')
+            if fit >= end:
+                log(f'{per_iter:.2f} s/iteration: all {end} iterations fit the budget')
                 return
             # keep at least 10 iterations of every schedule that has not started yet (the decay)
             pending = [sched.begin for sched in self._schedulers(runner) if sched.begin > it]
             new = max(it + 2, max(pending, default=0) + 10, fit)
-            if new >= runner.max_iters:
+            if new >= end:
                 return
-            old = runner.max_iters
-            self._shorten(runner, new)
-            log(f'{per_iter:.2f} s/iteration: {old} iterations would not fit the {budget_s / 60:.1f}-minute '
+            self._plan(runner, end, new)
+            log(f'{per_iter:.2f} s/iteration: {end} iterations would not fit the {budget_s / 60:.1f}-minute '
                 f'budget; training for {new} instead (--iters N fixes the count)')
-            self.planned = ((self.planned or (old,))[0], new)
+            self.planned = ((self.planned or (end,))[0], new)
 
-        def _shorten(self, runner, new):
-            old = runner.train_loop.max_iters
-            runner.train_loop._max_iters = new
-            runner.message_hub.update_info('max_iters', new)
+        def _plan(self, runner, old, new):
+            """End the run after ``new`` iterations instead of ``old``: the schedules that end with the run
+            are re-fitted to end there, and :meth:`after_train_iter` stops the loop."""
+            self.stop_at = new
             for sched in self._schedulers(runner):
                 if sched.end < old:
                     continue  # ends before the run does (the warmup): leave it as it is
@@ -298,6 +296,19 @@ def make_demo_hook(vis_indices, t_start, budget_s=None, decide_at=20, recheck_ev
                     sched.T_max = new - sched.begin
                 if hasattr(sched, 'total_iters'):  # poly
                     sched.total_iters = new - sched.begin - 1
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if self.stop_at is not None and runner.iter + 1 >= self.stop_at and self.stop_at < runner.max_iters:
+                runner.train_loop.stop_training = True
+                self._stopped = True
+
+        def after_train(self, runner):
+            if not self._stopped:
+                return  # the loop ran to its configured end and validated there
+            runner.val_loop.run()
+            if save_on_stop:
+                runner.save_checkpoint(runner.work_dir, f'iter_{runner.iter}.pth', save_optimizer=False,
+                                       save_param_scheduler=False)
 
         @staticmethod
         def _schedulers(runner):
@@ -349,115 +360,6 @@ def predict(model, dataset, indices):
     return out
 
 
-COLOURS = [(60, 20, 220), (255, 128, 0), (20, 200, 20), (0, 215, 255), (200, 0, 200)]  # BGR
-
-
-def _put_label(canvas, text, x, y, colour):
-    import cv2
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
-    x = int(np.clip(x, 0, canvas.shape[1] - tw - 2))
-    y = int(np.clip(y, th + 2, canvas.shape[0] - 2))
-    cv2.rectangle(canvas, (x, y - th - 2), (x + tw + 2, y + base - 1), colour, -1)
-    cv2.putText(canvas, text, (x + 1, y - 1), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-
-
-def _draw_instances(image, boxes, labels, masks, texts, scale, fill=True):
-    """Draw masks (filled, or as outlines with ``fill=False``), boxes and labels on an upscaled copy of
-    ``image`` (BGR uint8)."""
-    import cv2
-    h, w = image.shape[:2]
-    size = (w * scale, h * scale)
-    canvas = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST).astype(np.float32)
-    outlines = []
-    for mask, label in zip(masks, labels):
-        colour = np.array(COLOURS[label % len(COLOURS)], np.float32)
-        big = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        if fill:
-            canvas[big > 0] = 0.5 * canvas[big > 0] + 0.5 * colour
-        contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outlines.append((contours, tuple(int(c) for c in colour)))
-    canvas = canvas.astype(np.uint8)
-    for contours, colour in outlines:
-        cv2.drawContours(canvas, contours, -1, colour, 1 if fill else 2, cv2.LINE_AA)
-    for box, label, text in zip(boxes, labels, texts):
-        colour = COLOURS[label % len(COLOURS)]
-        x0, y0, x1, y1 = (np.asarray(box) * scale).round().astype(int)
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 1)
-        _put_label(canvas, text, x0, y0 - 1, colour)
-    return canvas
-
-
-def _gt_for_image(coco_doc, img_path):
-    """Ground-truth boxes (xyxy), labels (0-based) and polygon masks of one image of a COCO json."""
-    import cv2
-    name = osp.basename(img_path)
-    image = next(im for im in coco_doc['images'] if im['file_name'] == name)
-    cat_index = {c['id']: i for i, c in enumerate(coco_doc['categories'])}
-    boxes, labels, masks = [], [], []
-    for ann in coco_doc['annotations']:
-        if ann['image_id'] != image['id']:
-            continue
-        x, y, w, h = ann['bbox']
-        boxes.append([x, y, x + w, y + h])
-        labels.append(cat_index[ann['category_id']])
-        mask = np.zeros((image['height'], image['width']), np.uint8)
-        for poly in ann['segmentation']:
-            pts = np.round((np.asarray(poly).reshape(-1, 2) - 0.5) * 16).astype(np.int32)
-            cv2.fillPoly(mask, [pts], 1, shift=4)
-        masks.append(mask > 0)
-    return boxes, labels, masks
-
-
-def draw_predictions(path, ann_file, classes, untrained, trained, score_thr, max_drawn=8, scale=2):
-    """Write the picture: one row per image, columns ground truth | untrained | trained.
-
-    Args:
-        path: PNG to write.
-        ann_file: COCO json with the ground truth.
-        classes: Class names.
-        untrained: Predictions of the untrained model (from :func:`predict`).
-        trained: Predictions of the trained model, same keys.
-        score_thr: Predictions below this score are not drawn.
-        max_drawn: At most this many (the highest-scoring) predictions are drawn per image.
-        scale: Upscaling of the small images, for legibility.
-    """
-    import cv2
-    with open(ann_file) as f:
-        doc = json.load(f)
-    rows = []
-    for i in sorted(trained):
-        image = cv2.imread(trained[i]['img_path'])
-        boxes, labels, masks = _gt_for_image(doc, trained[i]['img_path'])
-        panels = [_draw_instances(image, boxes, labels, masks, [classes[c] for c in labels], scale, fill=False)]
-        for pred in (untrained.get(i), trained[i]):
-            if pred is None:
-                panels.append(np.zeros_like(panels[0]))
-                continue
-            order = np.argsort(-pred['scores'], kind='stable')[:max_drawn]
-            keep = order[pred['scores'][order] >= score_thr]
-            texts = [f'{classes[c]} {s:.2f}' for c, s in zip(pred['labels'][keep], pred['scores'][keep])]
-            panels.append(_draw_instances(image, pred['bboxes'][keep], pred['labels'][keep],
-                                          pred['masks'][keep], texts, scale))
-        sep = np.full((panels[0].shape[0], 6, 3), 255, np.uint8)
-        rows.append(np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1))
-    width = rows[0].shape[1]
-    panel_w = (width - 12) // 3
-    header = np.full((28, width, 3), 255, np.uint8)
-    titles = ('ground truth', 'untrained model', 'trained model')
-    for k, title in enumerate(titles):
-        cv2.putText(header, title, (k * (panel_w + 6) + 8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    hsep = np.full((6, width, 3), 255, np.uint8)
-    parts = [header]
-    for row in rows:
-        parts += [row, hsep]
-    footer = np.full((24, width, 3), 255, np.uint8)
-    cv2.putText(footer, f'predictions: the top {max_drawn} with score >= {score_thr:.2f}; colour = class', (8, 16),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    parts.append(footer)
-    cv2.imwrite(path, np.concatenate(parts, axis=0))
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 def _coco_numbers(metrics):
@@ -477,7 +379,6 @@ def main(argv=None):
     import torch
     threads, why = choose_threads(args.threads)
     torch.set_num_threads(threads)
-    seed_everything(args.seed)
 
     import vit_backbones  # noqa: F401  (registers our backbones and SafeCheckpointHook)
     import mmdet  # noqa: F401  (registers mmdet's modules)
@@ -505,7 +406,7 @@ def main(argv=None):
     torch.set_num_threads(threads)
     vis_indices = list(range(min(args.vis_images, num_val)))
     budget_s = None if (args.iters or args.quick or not args.time_budget) else 60 * args.time_budget
-    hook = make_demo_hook(vis_indices, t_start, budget_s)
+    hook = make_demo_hook(vis_indices, t_start, budget_s, save_on_stop=not (args.quick or args.no_checkpoint))
     runner.register_hook(hook, priority='LOWEST')
 
     runner.train()
@@ -517,6 +418,7 @@ def main(argv=None):
     train_s = t_train_end - hook.train_start - trained_eval_s
 
     log('drawing predictions ...')
+    from vit_backbones.data.draw import draw_predictions
     trained_preds = predict(runner.model, runner.val_dataloader.dataset, vis_indices)
     picture = osp.join(work_dir, 'predictions.png')
     draw_predictions(picture, cfg.val_evaluator.ann_file, classes, hook.untrained_predictions, trained_preds,
