@@ -5,6 +5,7 @@
     python tools/bench_compile.py --models Swin,PVTv2,ViT --modes train --dtypes fp32
     python tools/bench_compile.py --models Swin --backend inductor --size 800x1216x1 --pairs 4
 
+Every case compiles cold (an empty inductor cache of its own) unless ``--warm-cache``.
 Each (backbone, mode, dtype) runs in a fresh subprocess: build the class default variant (Swin-T,
 PVT v2-b2, ViT-B ...), wrap it in ``torch.compile(model, dynamic=True, backend=...)``, time the first
 call at 2x3x256x320 (the compile; a non-square first size, so that dynamo does not assume H == W), call it
@@ -20,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -100,6 +102,9 @@ def main(argv=None):
     p.add_argument('--pairs', type=int, default=5, help='timed eager/compiled rounds (default 5)')
     p.add_argument('--backend', default='inductor', help='torch.compile backend (default inductor)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    p.add_argument('--warm-cache', action='store_true',
+                   help="keep inductor's on-disk cache between cases and runs (default: a fresh, empty cache "
+                        'for every case, so the first call is a cold compile)')
     p.add_argument('--json', help='also write the rows to this JSON file')
     p.add_argument('--one', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -136,8 +141,10 @@ def main(argv=None):
                 case = dict(model_name=name, arch=args.arch, mode=mode, dtype=dtype, size=args.size, pairs=args.pairs,
                             backend=args.backend, threads=args.threads)
                 t = time.perf_counter()
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--one', json.dumps(case)],
-                                      capture_output=True, text=True)
+                with tempfile.TemporaryDirectory(prefix='vb_inductor_') as cache:
+                    env = dict(os.environ) if args.warm_cache else dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+                    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--one', json.dumps(case)],
+                                          capture_output=True, text=True, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')), None)
                 if line is None:
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no output']
