@@ -471,3 +471,36 @@ def test_levit_semantic_fpn_trains_and_predicts(tmp_path):
         sample = runner.model.test_step(pseudo_collate([runner.val_dataloader.dataset[0]]))[0]
     seg = sample.pred_sem_seg.data
     assert tuple(seg.shape) == (1, 96, 96) and int(seg.min()) >= 0 and int(seg.max()) < 4
+
+
+def test_eval_bias_cache_follows_the_tables():
+    """Eval reuses each attention's gathered offset bias; an in-place change of a table, a new size or a
+    new dtype must give what a model without the cache gives."""
+    torch.manual_seed(0)
+    arch = {'base': '128s', 'depths': (1, 1, 1)}
+    model = vit_backbones.build_backbone('LeViT', arch).eval()
+    x = torch.randn(1, 3, 97, 131)
+
+    def fresh(inp):
+        clone = vit_backbones.build_backbone('LeViT', arch).eval().to(next(model.parameters()).dtype)
+        clone.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return clone(inp)
+
+    with torch.no_grad():
+        model(x)
+        first = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh(x)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('attention_biases'):
+                p.add_(torch.randn_like(p))  # in place, as an optimizer step
+        after = model(x)
+        assert not all(torch.equal(a, b) for a, b in zip(after, first))
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh(x)))
+    model.double()
+    x64 = torch.randn(2, 3, 128, 96, dtype=torch.float64)
+    with torch.no_grad():
+        model(x64)
+        out = model(x64)
+    assert all(torch.equal(a, b) for a, b in zip(out, fresh(x64)))

@@ -77,6 +77,10 @@ def scaled_dot_product(q: torch.Tensor,
     """
     if return_attn or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
         return explicit_attention(q, k, v, bias, dropout_p, scale, return_attn)
+    if v.shape[-1] != q.shape[-1] and not tracing():
+        # (LeViT: v heads 4x wider than q/k) the fused CPU kernels need one head width; SDPA would fall back
+        # to its NaN-guarded math path, slower than the explicit one
+        return explicit_attention(q, k, v, bias, dropout_p, scale)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)

@@ -46,7 +46,7 @@ from ..checkpoint.rename import unwrap_keys
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
 from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
                                      resize_offset_bias_table, traced_offset_bias)
-from ..layers.tracing import ceil_div, symbolic_tracing
+from ..layers.tracing import ceil_div, symbolic_tracing, tracing
 from ..registry import register_backbone
 from .base import _BN_TYPES, BaseBackbone, drop_path_rates, resolve_arch
 from .levit_convert import to_ours
@@ -115,13 +115,23 @@ class _OffsetBias(nn.Module):
             return traced_offset_bias(self.attention_biases, self.table_hw, q_hw, kv_hw, stride, self.bias_interpolation)
         check_offset_bias_traceable()
         key = (tuple(q_hw), tuple(kv_hw), stride, str(device))
+        table = self.attention_biases
+        constant = not tracing() and not (torch.is_grad_enabled() and table.requires_grad)
+        if constant:  # eval / frozen: the same bias for a size until the table changes (in place or moved)
+            version = key + (table._version, table.data_ptr(), table.dtype, self.table_hw, self.bias_interpolation)
+            cached = self.__dict__.get('_constant_bias')
+            if cached is not None and cached[0] == version:
+                return cached[1]
         index = self._index_cache.get(key)
         if index is None:
             if len(self._index_cache) >= 32:  # many input sizes (multi-scale training): keep it bounded
                 self._index_cache.clear()
             index = self._index_cache[key] = offset_bias_index(q_hw, kv_hw, stride, device)
-        table = resize_offset_bias_table(self.attention_biases, self.table_hw, kv_hw, self.bias_interpolation)
-        return gather_offset_bias(table, kv_hw, index)
+        resized = resize_offset_bias_table(table, self.table_hw, kv_hw, self.bias_interpolation)
+        bias = gather_offset_bias(resized, kv_hw, index)
+        if constant:
+            self.__dict__['_constant_bias'] = (version, bias.detach())
+        return bias
 
 
 class LeViTAttention(_OffsetBias):
