@@ -32,7 +32,8 @@ OTHER_SIZES = [(224, 224), (97, 131), (72, 66)]
 FIRST = (2, 256, 320)
 
 
-def _size(text):
+def parse_size(text):
+    """'HxW' or 'HxWxB' -> (H, W, B) (B defaults to 1)."""
     parts = [int(p) for p in text.lower().split('x')]
     if len(parts) == 2:
         parts.append(1)
@@ -98,7 +99,7 @@ def main(argv=None):
     p.add_argument('--arch', default=None, help='variant name or JSON dict, for a single --models entry (default: the class default)')
     p.add_argument('--modes', default='eval', help='eval, train or eval,train (default eval)')
     p.add_argument('--dtypes', default='fp32,bf16', help='fp32, bf16 (autocast) or both (default both)')
-    p.add_argument('--size', type=_size, default=(224, 224, 2), help='timing size HxW[xB] (default 224x224x2)')
+    p.add_argument('--size', type=parse_size, default=(224, 224, 2), help='timing size HxW[xB] (default 224x224x2)')
     p.add_argument('--pairs', type=int, default=5, help='timed eager/compiled rounds (default 5)')
     p.add_argument('--backend', default='inductor', help='torch.compile backend (default inductor)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')

@@ -20,6 +20,8 @@ import sys
 import tempfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+from bench_compile import parse_size  # noqa: E402
 
 _CHILD = r'''
 import contextlib, json, statistics, sys, time
@@ -55,15 +57,6 @@ print('RESULT', statistics.median(times) * 1e3)
 '''
 
 
-def _size(text):
-    parts = [int(p) for p in text.lower().split('x')]
-    if len(parts) == 2:
-        parts.append(1)
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f'size must be HxW or HxWxB, got {text!r}')
-    return tuple(parts)
-
-
 def time_once(tree, case):
     proc = subprocess.run([sys.executable, '-c', _CHILD, tree, json.dumps(case)], capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')), None)
@@ -92,7 +85,7 @@ def main(argv=None):
             args.arch = json.loads(args.arch)  # a dict of hyper-parameters
         except json.JSONDecodeError as e:
             p.error(f'--arch looks like JSON but does not parse: {e}')
-    sizes = [_size(s) for s in args.sizes.split(',')]
+    sizes = [parse_size(s) for s in args.sizes.split(',')]
     root = os.path.dirname(_HERE)  # the checkout this tool is in (WORKTREE: as it is, uncommitted changes included)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the worktrees (finally)
     tmp = tempfile.mkdtemp(prefix='vb_revs_')
