@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention_kernel import explicit_attention
+from .attention_kernel import attention_scores, explicit_attention
 from .tracing import tracing
 from .window import WindowPlan, _mod, zero_pad_slots
 
@@ -128,16 +128,10 @@ class _WindowSoftmaxAttention(torch.autograd.Function):
     def forward(ctx, qkvw, rel, mask, scale, num_windows):
         _, b, heads, length, d = qkvw.shape
         n = length // num_windows
-        q, k, v = (t.view(-1, n, d) for t in qkvw.unbind(0))
-        scores = qkvw.new_empty(b, heads, num_windows, n, n)
-        bias = _combined_bias(rel, mask, num_windows, n)
-        if bias is None:
-            scores.zero_()
-        else:
-            scores.copy_(bias.expand_as(scores))
-        attn = scores.view(-1, n, n).baddbmm_(q, k.transpose(1, 2), alpha=scale)
+        q, k, v = (t.view(b, heads, num_windows, n, d) for t in qkvw.unbind(0))
+        attn = attention_scores(q, k, scale, _combined_bias(rel, mask, num_windows, n)).view(-1, n, n)
         attn = torch.softmax(attn, -1, out=attn)
-        out = torch.bmm(attn, v)
+        out = torch.bmm(attn, v.reshape(-1, n, d))
         ctx.save_for_backward(qkvw, attn)
         ctx.scale, ctx.num_windows = scale, num_windows
         return out.view(b, heads, length, d)
