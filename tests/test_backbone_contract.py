@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import os.path as osp
+import re
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 
 import vit_backbones
 from vit_backbones.models.base import drop_path_rates
+from vit_backbones.models.plain import PlainBackbone
+
+from helpers import randomize
 
 #: a small variant of every backbone (arch overrides of a real variant) and arguments that keep it small
 SMALL = {
@@ -177,6 +181,177 @@ def test_out_indices_subsets_give_the_same_maps(name):
     for bad in ((n, ), (0, 0), (-n - 1, )):
         with pytest.raises(ValueError, match='out_indices'):
             build(name, out_indices=bad)
+
+
+# ------------------------------------------------------------------------------------------ forward_intermediates
+def intermediate_shapes(model, hw, batch, indices):
+    """(B, C, ceil(H/s), ceil(W/s)) per index: s from feature_info (hierarchical) or the patch size (plain)."""
+    if isinstance(model, PlainBackbone):
+        return [(batch, model.embed_dims, math.ceil(hw[0] / model.patch_size), math.ceil(hw[1] / model.patch_size))
+                for _ in indices]
+    info = model.feature_info
+    return [(batch, info[i]['num_chs'], math.ceil(hw[0] / info[i]['reduction']),
+             math.ceil(hw[1] / info[i]['reduction'])) for i in indices]
+
+
+def num_intermediates(model):
+    return model.depth if isinstance(model, PlainBackbone) else num_levels(model)
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('hw', ['min', (97, 131)], ids=['min', '97x131'])
+def test_forward_intermediates_shapes_and_forward_maps(name, hw):
+    model = build(name).eval()
+    hw = (model.min_input_size, ) * 2 if hw == 'min' else hw
+    x = image(model, hw)
+    n = num_intermediates(model)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x)
+        tokens = model.forward_intermediates(x, output_fmt='NLC')
+        outs = model(x)
+    assert isinstance(maps, list) and [tuple(m.shape) for m in maps] == intermediate_shapes(model, hw, 2, range(n))
+    for m, t in zip(maps, tokens):
+        assert t.shape == (2, m.shape[2] * m.shape[3], m.shape[1])
+        torch.testing.assert_close(t, m.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    assert all(torch.isfinite(m).all() and not m.requires_grad for m in maps)
+    if isinstance(model, PlainBackbone):  # no pyramid: every block at the patch stride, blocks differ
+        assert n == len(model.blocks) and not any(torch.equal(maps[i], maps[i + 1]) for i in range(n - 1))
+        pairs = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
+        p = model.runtime_prefix_tokens
+        assert p == len(model.prefix_token_names)
+        assert [tuple(pre.shape) for _, pre in pairs] == [(2, p, model.embed_dims)] * n
+        torch.testing.assert_close([t for t, _ in pairs], tokens, rtol=0, atol=0)
+        last, hw_grid = model.forward_features(x, taps=[-1])
+        if model.norm is not None:  # norm=True: the final norm, as forward's tap of the last block has it
+            normed = model.forward_intermediates(x, [-1], norm=True, output_fmt='NLC')[0]
+            torch.testing.assert_close(normed, last[0][:, p:])
+        else:
+            with pytest.raises(ValueError, match='no final norm'):
+                model.forward_intermediates(x, norm=True)
+            torch.testing.assert_close(tokens[-1], last[0][:, p:])
+        assert tuple(maps[-1].shape[-2:]) == hw_grid
+    else:  # the stage maps are what forward returns (built with all levels)
+        assert model.out_indices == tuple(range(n)) and len(outs) == n
+        for i in range(n):
+            torch.testing.assert_close(maps[i], outs[i], rtol=0, atol=0, msg=f'level {i}')
+        with pytest.raises(ValueError, match='plain models'):
+            model.forward_intermediates(x, norm=True)
+        with pytest.raises(ValueError, match='plain models'):
+            model.forward_intermediates(x, return_prefix_tokens=True)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_forward_intermediates_indices(name):
+    model = build(name).eval()
+    x = image(model, (64, 80), batch=1)
+    n, every = num_intermediates(model), model.forward_intermediates(x)
+    for got, want in ((model.forward_intermediates(x, 2), every[-2:]), (model.forward_intermediates(x, n), every),
+                      (model.forward_intermediates(x, [-1, 0]), [every[-1], every[0]]),
+                      (model.forward_intermediates(x, (1, -2)), [every[1], every[-2]])):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for bad in (0, n + 1, -1):
+        with pytest.raises(ValueError, match=rf'indices={bad} .* give 1\.\.{n}\b'):
+            model.forward_intermediates(x, bad)
+    for bad in ([n], [-n - 1], [0, n + 3]):
+        with pytest.raises(ValueError, match=rf'out of range for {n} (blocks|levels) \(valid: {-n}\.\.{n - 1}\)'):
+            model.forward_intermediates(x, bad)
+    with pytest.raises(ValueError, match='repeats'):
+        model.forward_intermediates(x, [0, -n])
+    with pytest.raises(ValueError, match='empty'):
+        model.forward_intermediates(x, [])
+    for bad in ('all', 1.0, [0.5], [True]):
+        with pytest.raises(TypeError, match='indices'):
+            model.forward_intermediates(x, bad)
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC'"):
+        model.forward_intermediates(x, output_fmt='NHWC')
+    with pytest.raises(ValueError, match='expects 3 input channels, got 4'):  # forward's input checks
+        model.forward_intermediates(torch.randn(1, 4, 64, 80))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_forward_intermediates_whatever_out_indices_the_model_was_built_with(name):
+    extra = dict(out_norm=True) if name == 'PVT' else {}  # PVT's per-level norms are optional
+    full = build(name, **extra).eval()
+    model = build(name, out_indices=(1, 2), **extra).eval()
+    missing, _ = model.load_state_dict(full.state_dict(), strict=False)
+    assert missing == []
+    x = image(full, (64, 96), batch=1)
+    unavailable = model._unavailable_intermediates()
+    n = num_intermediates(model)
+    available = [i for i in range(n) if i not in unavailable]
+    assert {1, 2} <= set(available)
+    with torch.no_grad():
+        got = model.forward_intermediates(x, available)
+        want = full.forward_intermediates(x, available)
+        assert model.out_indices == (1, 2) and len(model(x)) == 2  # the call left the model as built
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for i in unavailable:  # levels whose modules out_indices left out (Swin/PVT/CvT norms, LeViT stages)
+        with pytest.raises(ValueError, match=rf'cannot return levels \[{i}\] .* returns {re.escape(str(available))}'):
+            model.forward_intermediates(x, [i])
+    assert bool(unavailable) == (name in ('Swin', 'PVT', 'CvT', 'LeViT'))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_forward_intermediates_train_gradients_and_empty_batch(name):
+    model = build(name).train()
+    hw = (97, 131)
+    x = image(model, hw).requires_grad_()
+    maps = model.forward_intermediates(x, [0, -1])
+    assert all(m.requires_grad for m in maps)
+    sum(m.square().mean() for m in maps).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    stem = model._stem_and_stages()[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    for mode in (True, False):
+        model.train(mode)
+        empty = model.forward_intermediates(image(model, hw, batch=0))
+        assert [tuple(m.shape) for m in empty] == intermediate_shapes(model, hw, 0, range(num_intermediates(model)))
+        nlc = model.forward_intermediates(image(model, hw, batch=0), [-1], output_fmt='NLC')[0]
+        assert nlc.shape == (0, empty[-1].shape[2] * empty[-1].shape[3], empty[-1].shape[1])
+        if isinstance(model, PlainBackbone):
+            (_, pre), = model.forward_intermediates(image(model, hw, batch=0), [0], return_prefix_tokens=True)
+            assert pre.shape == (0, model.runtime_prefix_tokens, model.embed_dims)
+
+
+@pytest.mark.parametrize('name', ['ViT', 'DeiT', 'CPVT'])
+def test_plain_intermediates_are_the_blocks_run_by_hand(name):
+    """Tokens of a plain model computed here from its parts (stem, position embedding, prefix tokens,
+    blocks; CPVT's PEG after block 0): forward_intermediates gives each block's grid tokens and its prefix
+    tokens, before the final norm, without the pyramid."""
+    model = randomize(build(name)).eval()
+    x = image(model, (97, 131))
+    with torch.no_grad():
+        t = model.patch_embed(x)
+        b, h, w, c = t.shape
+        assert (h, w) == (7, 9)
+        t = t.reshape(b, h * w, c)
+        prefix = [getattr(model, k).expand(b, -1, -1) for k in model.prefix_token_names]
+        if model.pos_embed is not None:
+            pos = model.runtime_pos_embed((h, w))
+            prefix = [tok + pos[:, i:i + 1] for i, tok in enumerate(prefix)]
+            t = t + pos[:, len(prefix):]
+        seq = torch.cat(prefix + [t], 1)
+        p = len(prefix)
+        by_hand = []
+        for i, blk in enumerate(model.blocks):
+            seq = blk(seq, (h, w))
+            if name == 'CPVT' and i == 0:  # the PEG: grid + depthwise conv of the grid, prefix unchanged
+                grid = seq[:, p:].transpose(1, 2).reshape(b, c, h, w)
+                seq = torch.cat([seq[:, :p], (grid + model.pos_block.proj(grid)).flatten(2).transpose(1, 2)], 1)
+            by_hand.append(seq)
+        pairs = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
+        maps = model.forward_intermediates(x, [1, -1])
+        normed = model.forward_intermediates(x, [-1], norm=True)[0]
+    assert p == {'ViT': 1, 'DeiT': 2, 'CPVT': 1}[name]
+    for (tokens, pre), ref in zip(pairs, by_hand):
+        torch.testing.assert_close(tokens, ref[:, p:])
+        torch.testing.assert_close(pre, ref[:, :p])
+    for m, ref in zip(maps, (by_hand[1], by_hand[-1])):
+        torch.testing.assert_close(m, ref[:, p:].transpose(1, 2).reshape(b, c, h, w))
+    torch.testing.assert_close(normed, model.norm(by_hand[-1])[:, p:].transpose(1, 2).reshape(b, c, h, w))
 
 
 # ------------------------------------------------------------------------------------------ training

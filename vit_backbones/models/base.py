@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import math
+import numbers
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -124,6 +125,23 @@ def drop_path_rates(rate: Union[float, Sequence[float]], depths: Sequence[int],
     raise ValueError(f'unknown drop-path rule {rule!r}; choose one of {DROP_PATH_RULES}')
 
 
+def normalize_indices(indices: Sequence[int], count: int, what: str, unit: str = 'levels') -> Tuple[int, ...]:
+    """``indices`` into ``count`` items (negative ones count from the end) as non-negative ints, in the
+    given order; an index out of range or repeated raises ValueError naming the valid range."""
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f'{what} entries must be ints, got {i!r} ({type(i).__name__})')
+        i = int(i)
+        j = i + count if i < 0 else i
+        if not 0 <= j < count:
+            raise ValueError(f'{what} entry {i} is out of range for {count} {unit} (valid: {-count}..{count - 1})')
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f'{what} {tuple(indices)} repeats an entry')
+    return tuple(out)
+
+
 def _check_init_cfg(init_cfg, pretrained, model_name: str):
     """``pretrained`` / ``init_cfg`` checked at construction (not only at ``init_weights()``); returns the
     init config to keep. mmdet's PVT spelling ``init_cfg=dict(checkpoint=PATH)`` (no type) means
@@ -166,15 +184,16 @@ def _check_init_cfg(init_cfg, pretrained, model_name: str):
 _BN_ONE_VALUE = 'Expected more than 1 value per channel when training'
 
 
-def _contract_forward(forward):
-    """Wrap a backbone's ``forward``: input checks, an empty batch answered with empty maps, and a clear
-    message for BatchNorm's one-value error (every subclass's forward gets it, see ``__init_subclass__``)."""
+def _contract_forward(forward, empty: str = 'empty_outputs'):
+    """Wrap a backbone's ``forward``: input checks, an empty batch answered by the method ``empty`` (called
+    with the same arguments; empty maps), and a clear message for BatchNorm's one-value error (every
+    subclass's forward gets it, see ``__init_subclass__``; :meth:`BaseBackbone.forward_intermediates` too)."""
 
     @functools.wraps(forward)
     def wrapper(self, x, *args, **kwargs):
         self.check_input(x)
         if x.shape[0] == 0:
-            return self.empty_outputs(x)
+            return getattr(self, empty)(x, *args, **kwargs)
         try:
             with export_shapes():  # non-strict torch.export: no 0/1 specialisation (layers/tracing.py)
                 return forward(self, x, *args, **kwargs)
@@ -326,17 +345,7 @@ class BaseBackbone(BaseModule, metaclass=_BackboneMeta):
     # ---------------------------------------------------------------- pyramid description
     def _set_out_indices(self, num_levels: int):
         out = self._out_indices_arg
-        if isinstance(out, int):
-            out = (out, )
-        idx = []
-        for i in out:
-            j = i + num_levels if i < 0 else i
-            if not 0 <= j < num_levels:
-                raise ValueError(f'out_indices entry {i} is out of range for {num_levels} levels')
-            idx.append(j)
-        if len(set(idx)) != len(idx):
-            raise ValueError(f'out_indices {tuple(out)} repeats a level')
-        self.out_indices = tuple(idx)
+        self.out_indices = normalize_indices((out, ) if isinstance(out, int) else out, num_levels, 'out_indices')
         fs = self.frozen_stages
         if isinstance(fs, bool) or not isinstance(fs, int) or fs < -1:
             raise ValueError(f'frozen_stages must be -1 or a non-negative int, got {fs!r}')
@@ -361,6 +370,109 @@ class BaseBackbone(BaseModule, metaclass=_BackboneMeta):
         prefixes = tuple(self.dense_only_prefixes)
         n = sum(p.numel() for k, p in self.named_parameters() if not (prefixes and k.startswith(prefixes)))
         return n + self.classifier_param_delta()
+
+    # ---------------------------------------------------------------- intermediates
+    #: what an index of :meth:`forward_intermediates` counts (in messages)
+    intermediate_unit: str = 'levels'
+
+    def intermediate_info(self) -> List[dict]:
+        """What :meth:`forward_intermediates` indexes: one dict (``num_chs``, ``reduction``) per index. By
+        default the levels of ``feature_info``; plain models override it with their blocks."""
+        return [dict(num_chs=f['num_chs'], reduction=f['reduction']) for f in self.feature_info]
+
+    def _unavailable_intermediates(self) -> Dict[int, str]:
+        """Indices this built model cannot return, with the reason (default: none)."""
+        return {}
+
+    def _levels_without(self, modules: Mapping[int, str]) -> Dict[int, str]:
+        """For :meth:`_unavailable_intermediates`: the levels whose output module (``modules[level]``, an
+        attribute name) was not built because ``out_indices`` left the level out."""
+        return {i: f'{m} is built only for the levels in out_indices={self.out_indices}'
+                for i, m in modules.items() if not hasattr(self, m)}
+
+    def intermediate_indices(self, indices: Union[None, int, Sequence[int]] = None) -> Tuple[int, ...]:
+        """The non-negative indices :meth:`forward_intermediates` returns for ``indices``: None for all, an
+        int n for the last n, or a sequence (negative entries count from the end)."""
+        count, unit = len(self.intermediate_info()), self.intermediate_unit
+        if indices is None:
+            idx = tuple(range(count))
+        elif isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
+            indices = int(indices)
+            if not 1 <= indices <= count:
+                raise ValueError(f'{type(self).__name__}: indices={indices} asks for the last {indices} of '
+                                 f'{count} {unit}; give 1..{count}, or a list of indices in {-count}..{count - 1}')
+            idx = tuple(range(count - indices, count))
+        elif isinstance(indices, Sequence) and not isinstance(indices, str):
+            if not indices:
+                raise ValueError(f'{type(self).__name__}: indices is empty; give None (all {count} {unit}), a count '
+                                 f'1..{count} or a list of indices in {-count}..{count - 1}')
+            idx = normalize_indices(indices, count, f'{type(self).__name__}: indices', unit)
+        else:
+            raise TypeError(f'indices must be None, an int or a list of ints, got {indices!r}')
+        missing = {i: why for i, why in self._unavailable_intermediates().items() if i in idx}
+        if missing:
+            why = '; '.join(f'{i}: {w}' for i, w in sorted(missing.items()))
+            have = [i for i in range(count) if i not in self._unavailable_intermediates()]
+            raise ValueError(f'{type(self).__name__} cannot return {unit} {sorted(missing)} ({why}); this model '
+                             f'returns {have}')
+        return idx
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None, *,
+                              norm: bool = False, output_fmt: str = 'NCHW',
+                              return_prefix_tokens: bool = False) -> List:
+        """Features without a plain model's pyramid: a list with one tensor per index, in ``indices`` order.
+
+        Hierarchical models: the stage maps (pyramid levels, indexed as ``feature_info``) exactly as
+        ``forward`` returns them (per-level norms included), whatever ``out_indices`` the model was built
+        with. Plain models: the token sequence after each block (indexed by block; the stride of every
+        one is the patch size), prefix tokens removed, before the final norm (``norm=True`` applies it to
+        every returned block). Blocks past the last index are not run.
+
+        Args:
+            indices: None (all), an int n (the last n), or a list (negative entries count from the end).
+            norm: plain models only: apply the final norm (``final_norm=True`` models).
+            output_fmt: 'NCHW' maps (B, C, ceil(H / stride), ceil(W / stride)) or 'NLC' tokens
+                (B, h*w, C), row-major over the grid.
+            return_prefix_tokens: plain models only: each entry becomes (features, prefix tokens (B, P, C)),
+                P the class/distillation tokens of the sequence (0 for models without any).
+
+        Input checks, the empty batch and BatchNorm's one-value message are those of ``forward``.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self._check_intermediate_options(bool(norm), bool(return_prefix_tokens))
+        maps, prefix = self._checked_intermediates(x, self.intermediate_indices(indices), bool(norm))
+        if output_fmt == 'NLC':
+            maps = [m.flatten(2).transpose(1, 2) for m in maps]
+        return list(zip(maps, prefix)) if return_prefix_tokens else list(maps)
+
+    def _check_intermediate_options(self, norm: bool, return_prefix_tokens: bool):
+        """Refuse options this model does not offer (hierarchical models: ``norm``, ``return_prefix_tokens``)."""
+        if norm or return_prefix_tokens:
+            raise ValueError(f'{type(self).__name__}: norm and return_prefix_tokens apply to plain models; its stage '
+                             'maps already carry their output norms and no prefix tokens')
+
+    def _intermediates(self, x: torch.Tensor, indices: Tuple[int, ...],
+                       norm: bool) -> Tuple[List[torch.Tensor], Optional[List[torch.Tensor]]]:
+        """(NCHW maps, prefix tokens or None) for ``indices``: the hierarchical models' ``forward`` run with
+        ``out_indices`` set to the sorted ``indices`` for the call (plain models override this)."""
+        built, levels = self.out_indices, tuple(sorted(indices))
+        self.out_indices = levels
+        try:
+            maps = dict(zip(levels, type(self).forward.__wrapped__(self, x)))
+        finally:
+            self.out_indices = built
+        return [maps[i] for i in indices], None
+
+    def _empty_intermediates(self, x: torch.Tensor, indices: Tuple[int, ...], norm: bool):
+        h, w = x.shape[-2:]
+        info = self.intermediate_info()
+        maps = [x.new_zeros((0, info[i]['num_chs'], math.ceil(h / info[i]['reduction']),
+                             math.ceil(w / info[i]['reduction']))) for i in indices]
+        p = getattr(self, 'runtime_prefix_tokens', 0)  # plain models; hierarchical ones return no prefix tokens
+        return maps, [x.new_zeros((0, p, info[i]['num_chs'])) for i in indices]
+
+    _checked_intermediates = _contract_forward(lambda self, *a: self._intermediates(*a), '_empty_intermediates')
 
     # ---------------------------------------------------------------- input checks
     def check_input(self, x: torch.Tensor):

@@ -15,7 +15,7 @@ convolutions on top of it.
 """
 import re
 from functools import partial
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -169,11 +169,17 @@ class CvT(BaseBackbone):
             in_ch = dims[i]
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f'stages.{i}') for i in range(3)]
         self.feature_info.append(dict(num_chs=dims[2], reduction=32, module='stages.2 (max-pool 2x2/2)'))
-        # stage maps the outputs need (level 3 is pooled from level 2)
-        self._needed = sorted({min(i, 2) for i in self.out_indices})
         if out_norm:
             for i in self._needed:
                 self.add_module(f'norm{i}', norm(dims[i]))
+
+    @property
+    def _needed(self) -> List[int]:
+        """The stage maps the returned levels need (level 3 is pooled from level 2)."""
+        return sorted({min(i, 2) for i in self.out_indices})
+
+    def _unavailable_intermediates(self):
+        return self._levels_without({i: f'norm{min(i, 2)}' for i in range(4)}) if self.out_norm else {}
 
     # ------------------------------------------------------------------ model zoo
     def classifier_param_delta(self) -> int:

@@ -369,6 +369,10 @@ class LeViT(BaseBackbone):
     def _stem_and_stages(self):
         return [self.stem] + list(self.stages)
 
+    def _unavailable_intermediates(self):
+        return {i: f'stage {i - 2} is not built (out_indices={self.out_indices} stop at level {max(self.out_indices)})'
+                for i in range(self.num_built_stages + 2, len(self.feature_info))}
+
     def classifier_param_delta(self) -> int:
         """The official classifier: two BN1d + Linear(C, 1000) heads (class and distillation) on pooled
         stage-2 features; and any stage not built here (out_indices stopping early)."""

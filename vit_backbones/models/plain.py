@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError
-from ..layers import PatchEmbed, resample_abs_pos_embed
+from ..layers import PatchEmbed, nlc_to_nchw, resample_abs_pos_embed
 from ..layers.pyramid import FeaturePyramid
 from ..layers.vit_block import LayerNormEps6, ViTBlock
 from .base import BaseBackbone, drop_path_rates, init_transformer_weights
@@ -235,18 +235,18 @@ class PlainBackbone(BaseBackbone):
             return {self.block_indices[0]: -1}
         return {self.block_indices[lvl]: lvl for lvl in self.out_indices}
 
-    def forward_features(self, x: torch.Tensor,
-                         taps: Optional[Sequence[int]] = None) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
+    def forward_features(self, x: torch.Tensor, taps: Optional[Sequence[int]] = None,
+                         norm_last: bool = True) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
         """Token sequences (B, P + h*w, C) after the blocks in ``taps`` (default: those the pyramid
         uses), in block order, and the grid. The last block's output gets the final norm when
-        ``final_norm``. Blocks after the last tap are not run."""
+        ``final_norm`` (and ``norm_last``). Blocks after the last tap are not run."""
         x, hw = self.embed(x)
         taps = sorted(set(self._needed_taps() if taps is None else (int(t) % self.depth for t in taps)))
         out = []
         for i, blk in enumerate(self.blocks):
             x = self._after_block(i, self.run_block(blk, x, hw), hw)
             if i in taps:
-                out.append(self.norm(x) if (i == self.depth - 1 and self.norm is not None) else x)
+                out.append(self.norm(x) if (norm_last and i == self.depth - 1 and self.norm is not None) else x)
                 if i == taps[-1]:
                     break
         return out, hw
@@ -254,6 +254,25 @@ class PlainBackbone(BaseBackbone):
     def _after_block(self, index: int, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Hook applied to the (B, P + h*w, C) sequence after block ``index`` (default: unchanged)."""
         return x
+
+    # ------------------------------------------------------------------ forward_intermediates (see BaseBackbone)
+    intermediate_unit = 'blocks'
+
+    def intermediate_info(self) -> List[dict]:
+        """One entry per block: ``embed_dims`` channels at the patch stride."""
+        return [dict(num_chs=self.embed_dims, reduction=self.patch_size)] * self.depth
+
+    def _check_intermediate_options(self, norm: bool, return_prefix_tokens: bool):
+        if norm and self.norm is None:
+            raise ValueError(f'{type(self).__name__} has no final norm (final_norm=False); call with norm=False')
+
+    def _intermediates(self, x: torch.Tensor, indices: Tuple[int, ...], norm: bool):
+        """The block outputs (what follows ``_after_block``) without the pyramid; grid maps and prefix tokens."""
+        feats, hw = self.forward_features(x, indices, norm_last=False)
+        by_block = dict(zip(sorted(indices), feats))
+        seqs = [self.norm(by_block[i]) if norm else by_block[i] for i in indices]
+        p = self.runtime_prefix_tokens
+        return [nlc_to_nchw(t[:, p:], hw) for t in seqs], [t[:, :p] for t in seqs]
 
     def empty_outputs(self, x: torch.Tensor):
         outs = super().empty_outputs(x)

@@ -397,6 +397,9 @@ class PVT(_PyramidVisionTransformer):
             for i in self.out_indices:
                 self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=self._block_eps))
 
+    def _unavailable_intermediates(self):
+        return self._levels_without({i: f'norm{i}' for i in range(len(self.stages))}) if self.out_norm else {}
+
     def _output(self, i: int, tokens: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
         if not self.out_norm:
             return fmap

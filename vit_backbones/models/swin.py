@@ -204,6 +204,9 @@ class Swin(BaseBackbone):
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(dim * 2**i))
 
+    def _unavailable_intermediates(self):
+        return self._levels_without({i: f'norm{i}' for i in range(len(self.stages))})
+
     def _stem_and_stages(self):
         units = [nn.ModuleList([self.patch_embed])]
         for i, stage in enumerate(self.stages):
