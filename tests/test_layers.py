@@ -512,3 +512,35 @@ def test_eval_bias_caches_follow_the_weights():
         model(x64)
         out = model(x64)
     assert all(torch.equal(a, b) for a, b in zip(out, fresh(model, x64)))
+
+
+def test_inference_linear_equals_the_layer_and_steps_aside_for_autograd_and_hooks():
+    """oneDNN's fused linear (+ exact GELU) without autograd equals the layer (+ F.gelu); gradients,
+    subclasses and hooks take the layer itself; cast weights follow in-place changes."""
+    from vit_backbones.layers.linear import inference_linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24)
+    with torch.no_grad():
+        for gelu in (False, True):
+            ref = lin(x.double().float())
+            ref = F.gelu(ref) if gelu else ref
+            out = inference_linear(x, lin, gelu=gelu)
+            assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                ref16 = lin(x)
+                ref16 = F.gelu(ref16.float()) if gelu else ref16.float()  # GELU of the bf16 product, in fp32
+                out16 = inference_linear(x, lin, gelu=gelu)
+            assert out16.dtype == torch.bfloat16
+            assert torch.allclose(out16.float(), ref16, atol=0.05, rtol=0.02)
+        lin.weight.mul_(2)  # in place: the cached bf16 weights must follow
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert torch.allclose(inference_linear(x, lin).float(), lin(x).float(), atol=0.05, rtol=0.02)
+        calls = []
+        handle = lin.register_forward_hook(lambda *a: calls.append(1))
+        inference_linear(x, lin)
+        handle.remove()
+        assert calls == [1]  # a hook still sees the call
+    y = inference_linear(x.requires_grad_(), lin, gelu=True)
+    y.sum().backward()  # with autograd: the layer and F.gelu, differentiable
+    assert x.grad is not None and lin.weight.grad is not None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention_kernel import scaled_dot_product, split_heads
+from .linear import inference_linear
 from .rel_pos import RelativePositionBias
 from .window import WindowPlan, tokens_to_windows, windows_to_tokens
 from .window_attention import window_attention
@@ -74,7 +75,7 @@ class AttentionBase(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, C) tokens -> q, k, v of the fused projection, each (B, heads, N, head_dim)."""
-        return split_heads(self.qkv(x), self.num_heads)
+        return split_heads(inference_linear(x, self.qkv), self.num_heads)
 
     def to_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, N, heads * head_dim) -> (B, heads, N, head_dim)."""
@@ -88,7 +89,7 @@ class AttentionBase(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``proj_drop(proj(x))`` on (B, N, C) tokens whose heads are merged."""
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(inference_linear(x, self.proj))
 
     def forward_windows(self, x: torch.Tensor, plan: WindowPlan, rel_bias: Optional[torch.Tensor] = None,
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -134,7 +135,8 @@ class Attention(AttentionBase):
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """As :meth:`AttentionBase.forward_windows`, straight from the tokens: see
         :func:`~vit_backbones.layers.window_attention.window_attention` (projections on real tokens only)."""
-        out = window_attention(self.qkv(x), plan, self.num_heads, self.scale, rel_bias, mask, self.qkv.bias,
+        qkv = inference_linear(x, self.qkv)
+        out = window_attention(qkv, plan, self.num_heads, self.scale, rel_bias, mask, self.qkv.bias,
                                self.dropout_p)
         return self.project(out)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import AttentionBase
 from .attention_kernel import scaled_dot_product
+from .linear import inference_linear
 from .tracing import dense_map
 
 
@@ -88,5 +89,6 @@ class ConvProjectionAttention(AttentionBase):
         q, k, v = self.conv_proj_q(grid), self.conv_proj_k(grid), self.conv_proj_v(grid)
         if num_prefix_tokens:
             q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))
-        q, k, v = self.to_heads(self.proj_q(q)), self.to_heads(self.proj_k(k)), self.to_heads(self.proj_v(v))
+        q, k, v = (self.to_heads(inference_linear(t, lin))
+                   for t, lin in ((q, self.proj_q), (k, self.proj_k), (v, self.proj_v)))
         return self.output(scaled_dot_product(q, k, v, None, self.dropout_p, self.scale))

@@ -5,12 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import _compute_dtype, fuses_gelu, inference_linear
 from .tracing import dense_map, tracing
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class _LinearGeluLinear(torch.autograd.Function):
@@ -77,11 +73,12 @@ class Mlp(nn.Module):
                 and torch.is_grad_enabled() and not tracing()):  # traced: the module chain (plain autograd)
             return _LinearGeluLinear.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                            self.act.approximate)
-        x = self.fc1(x)
+        fused = self.dwconv is None and fuses_gelu(self.act)  # GELU applied inside fc1 (inference on CPU)
+        x = inference_linear(x, self.fc1, gelu=fused)
         if self.dwconv is not None:
             if hw is None:
                 raise ValueError('Mlp with dwconv needs the token grid size hw=(H, W)')
             b, n, c = x.shape
             x = self.dwconv(dense_map(x.transpose(1, 2).reshape(b, c, *hw))).flatten(2).transpose(1, 2)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+        x = self.drop(x if fused else self.act(x))
+        return self.drop(inference_linear(x, self.fc2))

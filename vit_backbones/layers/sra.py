@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import AttentionBase
 from .attention_kernel import scaled_dot_product
+from .linear import inference_linear
 from .tracing import dense_map
 
 
@@ -73,7 +74,7 @@ class SpatialReductionAttention(AttentionBase):
         return self.act(m) if self.act is not None else m
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        q = self.to_heads(self.q(x))
-        kv = self.kv(self._reduced(x, hw))
+        q = self.to_heads(inference_linear(x, self.q))
+        kv = inference_linear(self._reduced(x, hw), self.kv)
         k, v = kv.view(x.shape[0], kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return self.output(scaled_dot_product(q, k, v, None, self.dropout_p, self.scale))
