@@ -544,3 +544,28 @@ def test_inference_linear_equals_the_layer_and_steps_aside_for_autograd_and_hook
     y = inference_linear(x.requires_grad_(), lin, gelu=True)
     y.sum().backward()  # with autograd: the layer and F.gelu, differentiable
     assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_float32_training_linears_give_autograds_gradients():
+    """The fp32 training path (oneDNN product and input gradient, mm for the weight gradient) and the MLP's
+    training function give the values and gradients of plain autograd through F.linear / F.gelu, in
+    float64 (the reference) within float32 rounding."""
+    from vit_backbones.layers import Mlp
+    from vit_backbones.layers.linear import inference_linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    mlp = Mlp(24, 56)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    for fn, params in ((lambda t: inference_linear(t, lin), list(lin.parameters())), (mlp, list(mlp.parameters()))):
+        out = fn(x)
+        grads = torch.autograd.grad(out.square().sum(), [x] + params)
+        x64 = x.detach().double().requires_grad_()
+        p64 = [p.detach().double().requires_grad_() for p in params]
+        if fn is mlp:
+            ref = F.linear(F.gelu(F.linear(x64, p64[0], p64[1])), p64[2], p64[3])
+        else:
+            ref = F.linear(x64, p64[0], p64[1])
+        ref_grads = torch.autograd.grad(ref.square().sum(), [x64] + p64)
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert torch.allclose(g.double(), r, atol=1e-4, rtol=1e-4), float((g.double() - r).abs().max())

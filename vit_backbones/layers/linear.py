@@ -1,4 +1,4 @@
-"""Linear layers for inference on CPU through oneDNN, with GELU fused into the matmul.
+"""Linear layers on CPU through oneDNN: inference with GELU fused into the matmul, fp32 training.
 
 Without autograd (eval under ``torch.no_grad`` / ``inference_mode``, or frozen layers on inputs that need
 no gradient), :func:`inference_linear` runs ``layer(x)`` (optionally followed by the exact GELU) as one
@@ -7,7 +7,13 @@ instead of ``addmm`` (which first copies the bias into the output) and a separat
 hidden-size tensor. Under CPU autocast it computes in the autocast dtype, as autocast's own Linear
 would, with the weights cast once per weight version and kept (not once per call).
 
-Everywhere else (gradients needed, other devices, traced / exported graphs, dtypes other than float32 and
+With autograd, in float32 on CPU (no autocast), :func:`inference_linear` (despite its name) and the MLP's
+training function run the forward product and the input gradient through oneDNN as well (the weight
+gradient, a long reduction over the tokens, stays ``mm``): on this project's AMD CPU PyTorch's float32
+``addmm``/``mm`` (MKL) reach about half of oneDNN's rate at these shapes, while in bfloat16 both already
+run oneDNN.
+
+Everywhere else (other devices, traced / exported graphs, dtypes other than float32 and
 bfloat16, a subclass of ``nn.Linear`` or a layer with forward hooks, a PyTorch without the op) it calls
 the layer (+ ``F.gelu``).
 """
@@ -28,13 +34,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def onednn_usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """oneDNN's linear can run ``x`` (on CPU, in ``dtype``) outside any tracer."""
+    return (_ONEDNN_LINEAR is not None and x.device.type == 'cpu' and dtype in _DTYPES and not tracing()
+            and torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available())
+
+
+def needs_autograd(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, ) + params)
+
+
 def _fast_path(x: torch.Tensor, layer: nn.Linear, dtype: torch.dtype) -> bool:
-    if _ONEDNN_LINEAR is None or x.device.type != 'cpu' or dtype not in _DTYPES or tracing():
-        return False
-    if not torch.backends.mkldnn.enabled or not torch.backends.mkldnn.is_available():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad or
-                                    (layer.bias is not None and layer.bias.requires_grad)):
+    if not onednn_usable(x, dtype):
         return False
     if type(layer) is not nn.Linear or _has_hooks(layer):  # a subclass's own forward, a user's hook: run it
         return False
@@ -60,11 +71,51 @@ def _weights(layer: nn.Linear, dtype: torch.dtype):
     return cached[1], cached[2]
 
 
+def linear_nt(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ w.T (+ b)`` for tensors of one dtype, no autograd: oneDNN where usable, else ``F.linear``."""
+    if onednn_usable(a, a.dtype):
+        return _ONEDNN_LINEAR(a, w, b, 'none', [], '')
+    return F.linear(a, w, b)
+
+
+def matmul_nn(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w`` for 2-D tensors of one dtype, no autograd (an input gradient): oneDNN in float32 on CPU."""
+    if a.dtype == torch.float32 and onednn_usable(a, a.dtype):
+        return _ONEDNN_LINEAR(a, w.t().contiguous(), None, 'none', [], '')
+    return a.mm(w)
+
+
+class _TrainLinear(torch.autograd.Function):
+    """float32 ``F.linear`` with oneDNN for the product and the input gradient (``mm`` for the weight's)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _ONEDNN_LINEAR(x, w, b, 'none', [], '')
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = matmul_nn(g2, w).view(x.shape) if need[0] else None
+        gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
+        gb = g2.sum(0) if ctx.has_bias and need[2] else None
+        return gx, gw, gb
+
+
 def inference_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, or ``F.gelu(layer(x))`` (exact GELU) with ``gelu=True``; see the module docstring."""
     dtype = _compute_dtype(x)
     if not _fast_path(x, layer, dtype):
         y = layer(x)
+        return F.gelu(y) if gelu else y
+    if needs_autograd(x, layer.weight, layer.bias):
+        if dtype != torch.float32 or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
+            y = layer(x)  # bf16: torch's own matmuls already run oneDNN
+        else:
+            y = _TrainLinear.apply(x, layer.weight, layer.bias)
         return F.gelu(y) if gelu else y
     w, b = _weights(layer, dtype)
     return _ONEDNN_LINEAR(x.to(dtype), w, b, 'gelu' if gelu else 'none', [], 'none' if gelu else '')

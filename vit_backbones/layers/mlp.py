@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import _compute_dtype, fuses_gelu, inference_linear
+from .linear import _compute_dtype, fuses_gelu, inference_linear, linear_nt, matmul_nn
 from .tracing import dense_map, tracing
 
 
@@ -22,9 +22,9 @@ class _LinearGeluLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             w1, w2 = w1.to(dtype), w2.to(dtype)
-            h = F.linear(x2, w1, None if b1 is None else b1.to(dtype))
+            h = linear_nt(x2, w1, None if b1 is None else b1.to(dtype))
             a = F.gelu(h, approximate=approximate)
-            y = F.linear(a, w2, None if b2 is None else b2.to(dtype))
+            y = linear_nt(a, w2, None if b2 is None else b2.to(dtype))
         ctx.save_for_backward(x2, h, a, w1, w2)
         ctx.approximate, ctx.x_shape, ctx.x_dtype = approximate, x.shape, x.dtype
         return y.view(*lead, y.shape[-1])
@@ -36,11 +36,11 @@ class _LinearGeluLinear(torch.autograd.Function):
         gy = gy.reshape(-1, gy.shape[-1]).to(h.dtype)
         gw2 = gy.t().mm(a) if need[3] else None
         gb2 = gy.sum(0) if need[4] else None
-        gh = gy.mm(w2)
+        gh = matmul_nn(gy, w2)
         gh = torch.ops.aten.gelu_backward.grad_input(gh, h, approximate=ctx.approximate, grad_input=gh)
         gw1 = gh.t().mm(x2) if need[1] else None
         gb1 = gh.sum(0) if need[2] else None
-        gx = gh.mm(w1).view(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
+        gx = matmul_nn(gh, w1).view(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
         return gx, gw1, gb1, gw2, gb2, None
 
 
