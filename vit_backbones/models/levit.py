@@ -44,6 +44,7 @@ from torch import nn
 from ..checkpoint.loader import strip_prefix
 from ..checkpoint.rename import unwrap_keys
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
+from ..layers.linear import inference_linear
 from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
                                      resize_offset_bias_table, traced_offset_bias)
 from ..layers.tracing import ceil_div, symbolic_tracing, tracing
@@ -62,7 +63,7 @@ class LinearBN(nn.Module):
         self.bn_weight_init = bn_weight_init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)
+        y = inference_linear(x, self.fc)
         if self.bn.training and y.shape[0] * y.shape[1] == 1:
             raise ValueError('LeViT: BatchNorm in training mode needs more than one token per batch, but a map '
                              'reduced to a single token (batch of 1, image at most 64 px on a side). Use a batch of '
