@@ -107,6 +107,9 @@ class _TrainLinear(torch.autograd.Function):
 
 def inference_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, or ``F.gelu(layer(x))`` (exact GELU) with ``gelu=True``; see the module docstring."""
+    if x.device.type != 'cpu':  # (meta tensors have no autocast state to ask)
+        y = layer(x)
+        return F.gelu(y) if gelu else y
     dtype = _compute_dtype(x)
     if not _fast_path(x, layer, dtype):
         y = layer(x)

@@ -62,7 +62,8 @@ class RelativePositionBias(nn.Module):
     def forward(self, window: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         window = self.window if window is None else tuple(window)
         table = self.relative_position_bias_table
-        constant = not tracing() and not (torch.is_grad_enabled() and table.requires_grad)
+        constant = (not tracing() and table.device.type != 'meta'  # meta: no storage, nothing to keep
+                    and not (torch.is_grad_enabled() and table.requires_grad))
         if constant:  # eval / frozen: the same bias until the table changes (in place: _version; moved: data_ptr)
             key = (window, table.device, table.dtype, table._version, table.data_ptr())
             cached = self.__dict__.get('_constant_bias')

@@ -117,7 +117,8 @@ class _OffsetBias(nn.Module):
         check_offset_bias_traceable()
         key = (tuple(q_hw), tuple(kv_hw), stride, str(device))
         table = self.attention_biases
-        constant = not tracing() and not (torch.is_grad_enabled() and table.requires_grad)
+        constant = (not tracing() and table.device.type != 'meta'  # meta: no storage, nothing to keep
+                    and not (torch.is_grad_enabled() and table.requires_grad))
         if constant:  # eval / frozen: the same bias for a size until the table changes (in place or moved)
             version = key + (table._version, table.data_ptr(), table.dtype, self.table_hw, self.bias_interpolation)
             cached = self.__dict__.get('_constant_bias')
