@@ -32,6 +32,16 @@ OTHER_SIZES = [(224, 224), (97, 131), (72, 66)]
 FIRST = (2, 256, 320)
 
 
+def parse_arch(parser, text):
+    """--arch: a variant name, or a JSON dict of hyper-parameters (a parse error exits through ``parser``)."""
+    if not text or not text.lstrip().startswith('{'):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        parser.error(f'--arch looks like JSON but does not parse: {e}')
+
+
 def parse_size(text):
     """'HxW' or 'HxWxB' -> (H, W, B) (B defaults to 1)."""
     parts = [int(p) for p in text.lower().split('x')]
@@ -109,11 +119,7 @@ def main(argv=None):
     p.add_argument('--json', help='also write the rows to this JSON file')
     p.add_argument('--one', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.arch and args.arch.lstrip().startswith('{'):
-        try:
-            args.arch = json.loads(args.arch)  # a dict of hyper-parameters
-        except json.JSONDecodeError as e:
-            p.error(f'--arch looks like JSON but does not parse: {e}')
+    args.arch = parse_arch(p, args.arch)
     if args.one:
         case = json.loads(args.one)
         print('RESULT ' + json.dumps(one_case(**case)))

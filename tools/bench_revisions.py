@@ -21,7 +21,7 @@ import tempfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from bench_compile import parse_size  # noqa: E402
+from bench_compile import parse_arch, parse_size  # noqa: E402
 
 _CHILD = r'''
 import contextlib, json, statistics, sys, time
@@ -80,11 +80,7 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=3, help='timed steps per run after one warm-up (default 3)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     args = p.parse_args(argv)
-    if args.arch and args.arch.lstrip().startswith('{'):
-        try:
-            args.arch = json.loads(args.arch)  # a dict of hyper-parameters
-        except json.JSONDecodeError as e:
-            p.error(f'--arch looks like JSON but does not parse: {e}')
+    args.arch = parse_arch(p, args.arch)
     sizes = [parse_size(s) for s in args.sizes.split(',')]
     root = os.path.dirname(_HERE)  # the checkout this tool is in (WORKTREE: as it is, uncommitted changes included)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the worktrees (finally)

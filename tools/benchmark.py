@@ -247,16 +247,10 @@ def output_error(model, size, device, drop_path, arch=None):
 
 
 def matmul_rate(dtype, device, n=2048, repeats=5):
-    a = torch.randn(n, n, device=device).to(dtype)
-    a @ a
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    """GFLOP/s of an n x n matmul (tools/bench_peers.py measures it; imported here when first needed)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_peers
+    return bench_peers.matmul_rate(dtype, device, n, repeats)
 
 
 def run_in_subprocess(args, case):

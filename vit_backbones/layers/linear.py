@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals  # the global forward hooks
 
 from .tracing import tracing
 
@@ -53,7 +54,7 @@ def _fast_path(x: torch.Tensor, layer: nn.Linear, dtype: torch.dtype) -> bool:
 
 
 def _has_hooks(layer: nn.Module) -> bool:
-    from torch.nn.modules import module as m
+    m = _module_globals
     return bool(layer._forward_hooks or layer._forward_pre_hooks or m._global_forward_hooks or
                 m._global_forward_pre_hooks)
 
