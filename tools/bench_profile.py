@@ -5,6 +5,8 @@ called them, plus the matmuls' own rate against a large matmul measured in the s
     python tools/bench_profile.py --model swin --size 800x1216x1 --pass eval --dtype bf16 --threads 2
     python tools/bench_profile.py --model swin --size 800x1216x1 --pass train --dtype bf16 --threads 2 --top 25
 
+``--impl timm`` (or mmdet, hf) profiles that peer instead, built as in tools/bench_peers.py with our
+weights (timm through ../shared/tools/with_timm.py), to see where the two differ.
 ``--model`` takes the keys of tools/bench_peers.py (swin, pvtv2, pvt, levit, vit, deit, cait, cvt); the
 backbone is built as there (seeded random weights, drop path ``--drop-path``), run ``--warmup`` untimed
 steps, then one profiled step (train: forward + backward of the sum of the outputs' means).
@@ -95,6 +97,8 @@ def main():
     p.add_argument('--top', type=int, default=20)
     p.add_argument('--no-stack', action='store_true', help='skip the attribution to our functions (less overhead)')
     p.add_argument('--peak-n', type=int, default=2048)
+    p.add_argument('--impl', default='ours', choices=('ours',) + bench_peers.PEERS,
+                   help='profile this implementation (a peer: built as in tools/bench_peers.py, our weights)')
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +108,10 @@ def main():
     torch.manual_seed(0)
     ours = bench_peers.build_ours(spec, arch, cfg, size, args.drop_path)
     net = bench_peers.OursTrunk(ours) if spec.get('plain') else ours
+    if args.impl != 'ours':
+        torch.manual_seed(0)
+        net, desc = spec['build'](args.impl, cfg, size, args.drop_path)
+        print(f'# profiling {args.impl}: {desc}: {bench_peers.share_weights(ours, net)}')
     flops = bench_peers.forward_flops(net, size, device) * (3 if args.mode == 'train' else 1)
     net.train(args.mode == 'train')
     x = torch.randn(size[2], 3, size[0], size[1])
@@ -121,7 +129,7 @@ def main():
     peak1 = bench_peers.matmul_rate(tdtype, device, args.peak_n)
     peak = max(peak0, peak1)
     cpu, flags = bench_peers.cpu_description()
-    print(f'# {spec["label"]} {size[0]}x{size[1]} b{size[2]} {args.mode} {args.dtype}; CPU {cpu} ({" ".join(flags)}); '
+    print(f'# {args.impl} {spec["label"]} {size[0]}x{size[1]} b{size[2]} {args.mode} {args.dtype}; CPU {cpu} ({" ".join(flags)}); '
           f'threads {torch.get_num_threads()}; torch {torch.__version__}')
     rate = flops / t_plain / 1e9
     print(f'# step {1000 * t_plain:.0f} ms unprofiled, {1000 * t_prof:.0f} ms profiled; {flops / 1e9:.1f} GFLOP '
