@@ -569,3 +569,43 @@ def test_float32_training_linears_give_autograds_gradients():
         assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
         for g, r in zip(grads, ref_grads):
             assert torch.allclose(g.double(), r, atol=1e-4, rtol=1e-4), float((g.double() - r).abs().max())
+
+
+@pytest.mark.parametrize('shape,bias_shape', [((2, 3, 49, 16), (1, 3, 49, 49)),  # windows
+                                              ((2, 2, 30, 16), (2, 1, 1, 100)),  # key padding, more keys
+                                              ((2, 2, 30, 16), None)])
+def test_inference_attention_matches_definition(shape, bias_shape):
+    """Without autograd on CPU, bfloat16 attention runs the explicit inference kernel (faster there than the
+    fused one); it equals the float64 definition within the error the fused kernel makes."""
+    dtype = torch.bfloat16
+    from vit_backbones.layers.attention_kernel import _explicit_is_faster
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = shape
+    m = bias_shape[-1] if bias_shape else n
+    qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64)  # strided views, as the layers pass them
+    q = qkv[:, :, 0].transpose(1, 2)
+    k, v = (torch.randn(b, h, m, d, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = None if bias_shape is None else 2 * torch.randn(bias_shape, generator=g, dtype=torch.float64)
+    ref = _naive_attention(q, k, v, bias, 0.3)
+    args = [t if t is None else t.to(dtype) for t in (q, k, v, bias)]
+    with torch.no_grad():
+        assert _explicit_is_faster(*args[:3], args[3])
+        out = scaled_dot_product(*args, scale=0.3)
+        fused = F.scaled_dot_product_attention(*args[:3], attn_mask=args[3], scale=0.3)
+    assert out.dtype == dtype and out.shape == ref.shape
+    err, err_fused = ((t.double() - ref).abs().max().item() for t in (out, fused))
+    assert err < 2 * err_fused + 1e-3 and err < 0.05 * ref.abs().max().item()
+
+
+def test_attention_kernel_choice():
+    """The fused kernel keeps float32 and other dtypes, anything with autograd, and score matrices over the
+    memory bound."""
+    from vit_backbones.layers.attention_kernel import _explicit_is_faster
+    small = torch.randn(1, 2, 49, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _explicit_is_faster(small, small, small, None)
+        for dt in (torch.float32, torch.float64):
+            assert not _explicit_is_faster(small.to(dt), small.to(dt), small.to(dt), None)
+        huge = torch.empty(64, 16, 1024, 8, dtype=torch.bfloat16)  # a 2 GiB score matrix
+        assert not _explicit_is_faster(huge, huge, huge, None)
+    assert not _explicit_is_faster(small.requires_grad_(), small, small, None)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention_kernel import attention_scores, explicit_attention
+from .attention_kernel import attention_scores, explicit_attention, scaled_dot_product
 from .tracing import tracing
 from .window import WindowPlan, _mod, zero_pad_slots
 
@@ -300,4 +300,4 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: Opt
             def build():
                 return rel.to(q.dtype).unsqueeze(0).expand(b, -1, -1, -1).reshape(b * heads, 1, n, n)
             bias = _SDPA_BIAS.get(rel, None, ('batch', b, q.dtype), build)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    return scaled_dot_product(q, k, v, bias, dropout_p, scale)
