@@ -609,3 +609,22 @@ def test_attention_kernel_choice():
         huge = torch.empty(64, 16, 1024, 8, dtype=torch.bfloat16)  # a 2 GiB score matrix
         assert not _explicit_is_faster(huge, huge, huge, None)
     assert not _explicit_is_faster(small.requires_grad_(), small, small, None)
+
+
+def test_token_map_is_a_dense_channels_last_view():
+    """token_map gives the map of transpose + reshape, as a view of the tokens with dense channels-last
+    strides (also for one image, where transpose + reshape gives a batch stride of C), and a dense copy for
+    a sliced batch (prefix tokens dropped)."""
+    from vit_backbones.layers import token_map
+    h, w, c = 3, 5, 4
+    for b, p in ((1, 0), (2, 0), (1, 1), (2, 1)):
+        x = torch.randn(b, p + h * w, c)
+        t = x[:, p:]
+        m = token_map(t, (h, w))
+        assert torch.equal(m, t.transpose(1, 2).reshape(b, c, h, w))
+        assert m.is_contiguous(memory_format=torch.channels_last)
+        assert m.stride() == (h * w * c, 1, w * c, c) or (b == 1 and m.stride()[1:] == (1, w * c, c)
+                                                          and m.stride(0) >= h * w * c)
+        assert (m.data_ptr() == t.data_ptr()) == (b == 1 or p == 0)  # a view unless a sliced batch
+    with pytest.raises(ValueError, match='does not match the grid'):
+        token_map(torch.randn(1, 14, c), (h, w))

@@ -2,7 +2,7 @@
 from .attention_kernel import attention_scores, explicit_attention, scaled_dot_product, split_heads
 from .attention import Attention, AttentionBase, WindowAttention
 from .drop import DropPath, drop_path, drop_path_schedule, make_drop_path
-from .format import nchw_to_nhwc, nchw_to_nlc, nhwc_to_nchw, nlc_to_nchw
+from .format import nchw_to_nhwc, nchw_to_nlc, nhwc_to_nchw, nlc_to_nchw, token_map
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .patch_embed import ConvStem, PatchEmbed, pad_to_multiple  # noqa: F401
@@ -16,7 +16,7 @@ from .window import (WindowPlan, pad_to_window, shifted_window_mask, tokens_to_w
 
 __all__ = [
     'Attention', 'AttentionBase', 'attention_scores', 'explicit_attention', 'scaled_dot_product', 'split_heads', 'DropPath', 'drop_path', 'drop_path_schedule', 'make_drop_path',
-    'nchw_to_nhwc', 'nchw_to_nlc', 'nhwc_to_nchw', 'nlc_to_nchw', 'LayerScale', 'Mlp', 'ConvStem', 'PatchEmbed',
+    'nchw_to_nhwc', 'nchw_to_nlc', 'nhwc_to_nchw', 'nlc_to_nchw', 'token_map', 'LayerScale', 'Mlp', 'ConvStem', 'PatchEmbed',
     'resample_abs_pos_embed', 'RelativePositionBias', 'relative_position_index', 'resize_rel_pos_table',
     'window_from_table_len', 'pad_to_window', 'shifted_window_mask', 'window_partition', 'window_reverse',
     'WindowPlan', 'window_plan', 'tokens_to_windows', 'windows_to_tokens'

@@ -14,8 +14,8 @@ from torch import nn
 
 from .attention import AttentionBase
 from .attention_kernel import scaled_dot_product
+from .format import token_map
 from .linear import inference_linear
-from .tracing import dense_map
 
 
 class QuickGELU(nn.Module):
@@ -85,7 +85,7 @@ class ConvProjectionAttention(AttentionBase):
         if n != num_prefix_tokens + h * w:
             raise ValueError(f'expected {num_prefix_tokens} prefix tokens + a {h}x{w} grid, got {n} tokens')
         prefix, grid = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-        grid = dense_map(grid.transpose(1, 2).reshape(b, c, h, w))
+        grid = token_map(grid, (h, w))
         q, k, v = self.conv_proj_q(grid), self.conv_proj_k(grid), self.conv_proj_v(grid)
         if num_prefix_tokens:
             q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))

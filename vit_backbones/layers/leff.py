@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .tracing import dense_map
+from .format import token_map
 
 
 class LocallyEnhancedFeedForward(nn.Module):
@@ -54,7 +54,7 @@ class LocallyEnhancedFeedForward(nn.Module):
         p = n - h * w
         if p < 0:
             raise ValueError(f'LeFF expects a {h}x{w} grid (plus prefix tokens), got a sequence of {n}')
-        y = dense_map(x[:, p:].transpose(1, 2).reshape(b, c, h, w))
+        y = token_map(x[:, p:], (h, w))
         y = self.act(self.bn1(self.conv1(y)))
         y = self.act(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y)).flatten(2).transpose(1, 2)

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .format import token_map
 from .linear import _compute_dtype, fuses_gelu, inference_linear, linear_nt, matmul_nn
-from .tracing import dense_map, tracing
+from .tracing import tracing
 
 
 class _LinearGeluLinear(torch.autograd.Function):
@@ -78,7 +79,6 @@ class Mlp(nn.Module):
         if self.dwconv is not None:
             if hw is None:
                 raise ValueError('Mlp with dwconv needs the token grid size hw=(H, W)')
-            b, n, c = x.shape
-            x = self.dwconv(dense_map(x.transpose(1, 2).reshape(b, c, *hw))).flatten(2).transpose(1, 2)
+            x = self.dwconv(token_map(x, hw)).flatten(2).transpose(1, 2)
         x = self.drop(x if fused else self.act(x))
         return self.drop(inference_linear(x, self.fc2))

@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from .tracing import dense_map
+from .format import token_map
 
 
 class PositionalEncodingGenerator(nn.Module):
@@ -35,6 +35,6 @@ class PositionalEncodingGenerator(nn.Module):
         p = n - h * w if num_prefix is None else num_prefix
         if p < 0 or n - p != h * w:
             raise ValueError(f'PEG expects {p} prefix + {h}x{w} grid tokens, got a sequence of {n}')
-        grid = dense_map(x[:, p:].transpose(1, 2).reshape(b, c, h, w))
+        grid = token_map(x[:, p:], (h, w))
         grid = (grid + self.proj(grid)).flatten(2).transpose(1, 2)
         return torch.cat([x[:, :p], grid], dim=1) if p else grid

@@ -13,8 +13,8 @@ from torch import nn
 
 from .attention import AttentionBase
 from .attention_kernel import scaled_dot_product
+from .format import token_map
 from .linear import inference_linear
-from .tracing import dense_map
 
 
 class SpatialReductionAttention(AttentionBase):
@@ -67,7 +67,7 @@ class SpatialReductionAttention(AttentionBase):
             return x
         if n != hw[0] * hw[1]:
             raise ValueError(f'spatial reduction needs exactly the {hw[0]}x{hw[1]} grid tokens, got {n}')
-        m = dense_map(x.transpose(1, 2).reshape(b, c, *hw))
+        m = token_map(x, hw)
         if self.pool is not None:
             m = self.pool(m)
         m = self.norm(self.sr(m).flatten(2).transpose(1, 2))

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.loader import CheckpointMismatchError
-from ..layers import PatchEmbed, nlc_to_nchw, resample_abs_pos_embed
+from ..layers import PatchEmbed, nlc_to_nchw, resample_abs_pos_embed, token_map
 from ..layers.pyramid import FeaturePyramid
 from ..layers.vit_block import LayerNormEps6, ViTBlock
 from .base import BaseBackbone, drop_path_rates, init_transformer_weights
@@ -285,7 +285,7 @@ class PlainBackbone(BaseBackbone):
         feats, hw = self.forward_features(x)
         p = self.runtime_prefix_tokens
         b = x.shape[0]
-        maps = [f[:, p:].transpose(1, 2).reshape(b, self.embed_dims, *hw) for f in feats]
+        maps = [token_map(f[:, p:], hw) for f in feats]
         if self.pyramid_mode == 'simple':
             levels = self.pyramid(maps, image_hw)
         else:
