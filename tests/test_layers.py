@@ -628,3 +628,39 @@ def test_token_map_is_a_dense_channels_last_view():
         assert (m.data_ptr() == t.data_ptr()) == (b == 1 or p == 0)  # a view unless a sliced batch
     with pytest.raises(ValueError, match='does not match the grid'):
         token_map(torch.randn(1, 14, c), (h, w))
+
+
+def test_inference_conv_fuses_gelu_like_the_layer():
+    """oneDNN's conv + exact GELU (PVT v2's dwconv, no autograd) equals F.gelu(conv(x)) on a channels-last
+    token map, in float32 against float64 and in bfloat16 under autocast; with autograd or a hook it is
+    the layer itself; the cast weights follow in-place changes; the MLP with dwconv gives its chain."""
+    from vit_backbones.layers import Mlp, token_map
+    from vit_backbones.layers.linear import inference_conv
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+    x = token_map(torch.randn(2, 5 * 6, 16), (5, 6))
+    ref64 = F.gelu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1, 1, 16))
+    with torch.no_grad():
+        out = inference_conv(x, conv, gelu=True)
+        assert out.dtype == torch.float32 and (out.double() - ref64).abs().max() < 1e-5
+        assert torch.equal(inference_conv(x, conv), conv(x))  # nothing to fuse: the layer
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out16 = inference_conv(x, conv, gelu=True)
+        assert out16.dtype == torch.bfloat16 and (out16.double() - ref64).abs().max() < 0.03
+        conv.weight.mul_(2)
+        ref64 = F.gelu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1, 1, 16))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert (inference_conv(x, conv, gelu=True).double() - ref64).abs().max() < 0.06
+        calls = []
+        handle = conv.register_forward_hook(lambda *a: calls.append(1))
+        inference_conv(x, conv, gelu=True)
+        handle.remove()
+        assert calls == [1]
+    y = inference_conv(x.requires_grad_(), conv, gelu=True)
+    y.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    mlp = Mlp(8, 16, dwconv=True).eval()
+    t = torch.randn(2, 5 * 6, 8)
+    with torch.no_grad():
+        chain = mlp.fc2(mlp.act(mlp.dwconv(mlp.fc1(t).transpose(1, 2).reshape(2, 16, 5, 6)).flatten(2).transpose(1, 2)))
+        assert torch.allclose(mlp(t, (5, 6)), chain, atol=1e-6)

@@ -37,9 +37,9 @@ def token_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     h, w = hw
     if n != h * w:
         raise ValueError(f'token count {n} does not match the grid {h}x{w}')
-    y = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (for one image the batch stride is then H*W*C)
     if symbolic_tracing():
-        return y.contiguous()
+        return x.transpose(1, 2).reshape(b, c, h, w).contiguous()
+    y = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (for one image the batch stride is then H*W*C)
     if b > 1 and y.stride(0) != h * w * c:
         y = y.contiguous(memory_format=torch.channels_last)
     return y

@@ -27,6 +27,7 @@ from torch.nn.modules import module as _module_globals  # the global forward hoo
 from .tracing import tracing
 
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None)
+_ONEDNN_CONV = getattr(getattr(torch.ops, 'mkldnn', None), '_convolution_pointwise', None)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -59,7 +60,7 @@ def _has_hooks(layer: nn.Module) -> bool:
                 m._global_forward_pre_hooks)
 
 
-def _weights(layer: nn.Linear, dtype: torch.dtype):
+def _weights(layer: nn.Module, dtype: torch.dtype):
     w, b = layer.weight, layer.bias
     if w.dtype == dtype and (b is None or b.dtype == dtype):
         return w, b
@@ -128,3 +129,20 @@ def inference_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> t
 def fuses_gelu(act: Optional[nn.Module]) -> bool:
     """Whether ``act`` is the exact GELU that :func:`inference_linear` can fuse."""
     return type(act) is nn.GELU and act.approximate == 'none'
+
+
+def inference_conv(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = False) -> torch.Tensor:
+    """``conv(x)``, or ``F.gelu(conv(x))`` with ``gelu=True``: without autograd on CPU one oneDNN
+    convolution with the exact GELU applied to its output before it is written (PVT v2's depthwise conv:
+    one pass over the hidden-size map fewer), weights cast once per version under autocast; otherwise the
+    layer (+ ``F.gelu``)."""
+    dtype = _compute_dtype(x) if x.device.type == 'cpu' else x.dtype
+    if (not gelu or _ONEDNN_CONV is None or not onednn_usable(x, dtype) or type(conv) is not nn.Conv2d
+            or _has_hooks(conv) or conv.padding_mode != 'zeros' or isinstance(conv.padding, str)
+            or conv.weight.device.type != 'cpu' or conv.weight.dtype not in _DTYPES
+            or needs_autograd(x, conv.weight, conv.bias)):
+        y = conv(x)
+        return F.gelu(y) if gelu else y
+    w, b = _weights(conv, dtype)
+    return _ONEDNN_CONV(x.to(dtype), w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                        'gelu', [], 'none')

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .format import token_map
-from .linear import _compute_dtype, fuses_gelu, inference_linear, linear_nt, matmul_nn
+from .linear import _compute_dtype, fuses_gelu, inference_conv, inference_linear, linear_nt, matmul_nn
 from .tracing import tracing
 
 
@@ -74,11 +74,13 @@ class Mlp(nn.Module):
                 and torch.is_grad_enabled() and not tracing()):  # traced: the module chain (plain autograd)
             return _LinearGeluLinear.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                            self.act.approximate)
-        fused = self.dwconv is None and fuses_gelu(self.act)  # GELU applied inside fc1 (inference on CPU)
-        x = inference_linear(x, self.fc1, gelu=fused)
-        if self.dwconv is not None:
+        fused = fuses_gelu(self.act)  # GELU applied inside fc1 or the dwconv (inference on CPU)
+        if self.dwconv is None:
+            x = inference_linear(x, self.fc1, gelu=fused)
+        else:
             if hw is None:
                 raise ValueError('Mlp with dwconv needs the token grid size hw=(H, W)')
-            x = self.dwconv(token_map(x, hw)).flatten(2).transpose(1, 2)
+            x = inference_conv(token_map(inference_linear(x, self.fc1), hw), self.dwconv, gelu=fused)
+            x = x.flatten(2).transpose(1, 2)
         x = self.drop(x if fused else self.act(x))
         return self.drop(inference_linear(x, self.fc2))
