@@ -664,3 +664,31 @@ def test_inference_conv_fuses_gelu_like_the_layer():
     with torch.no_grad():
         chain = mlp.fc2(mlp.act(mlp.dwconv(mlp.fc1(t).transpose(1, 2).reshape(2, 16, 5, 6)).flatten(2).transpose(1, 2)))
         assert torch.allclose(mlp(t, (5, 6)), chain, atol=1e-6)
+
+
+def test_bfloat16_training_attention_with_few_keys_matches_definition():
+    """bfloat16 attention with autograd and few keys takes the explicit kernel (faster than the fused forward
+    + backward there); its values and q/k/v gradients equal the float64 definition's within a small multiple
+    of the fused kernel's own bfloat16 error. Many keys keep the fused kernel."""
+    from vit_backbones.layers.attention_kernel import EXPLICIT_TRAIN_MAX_KEYS, _explicit_trains_faster
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 30, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 3, 30, 16, generator=g, dtype=torch.float64)
+    ref = _naive_attention(q, k, v, None, 0.3)
+    ref_grads = torch.autograd.grad((ref * w).sum(), [q, k, v])
+    leaves = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    assert _explicit_trains_faster(*leaves)
+    results = []
+    for fn in (scaled_dot_product, F.scaled_dot_product_attention):
+        out = fn(*leaves, scale=0.3)
+        grads = torch.autograd.grad((out.double() * w).sum(), leaves)
+        results.append([(out.double() - ref).abs().max().item()] +
+                       [(a.double() - b).abs().max().item() for a, b in zip(grads, ref_grads)])
+    ours, fused = results
+    scales = [ref.abs().max().item()] + [t.abs().max().item() for t in ref_grads]
+    for e, f, s in zip(ours, fused, scales):
+        assert e < 3 * f + 1e-3 and e < 0.03 * s
+    many = torch.randn(1, 2, EXPLICIT_TRAIN_MAX_KEYS + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert not _explicit_trains_faster(many, many, many)
+    with torch.no_grad():
+        assert not _explicit_trains_faster(*leaves)  # no autograd: the inference path decides
