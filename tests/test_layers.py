@@ -692,3 +692,17 @@ def test_bfloat16_training_attention_with_few_keys_matches_definition():
     assert not _explicit_trains_faster(many, many, many)
     with torch.no_grad():
         assert not _explicit_trains_faster(*leaves)  # no autograd: the inference path decides
+
+
+@pytest.mark.parametrize('m', [49, 100])
+def test_inplace_softmax_matches_float64(m):
+    """softmax_ (bfloat16 rows of few keys through the float32 kernel, slice by slice) equals the float64
+    softmax rounded once to bfloat16, for every slice (more rows than one slice holds)."""
+    from vit_backbones.layers.attention_kernel import softmax_
+    g = torch.Generator().manual_seed(0)
+    s = 3 * torch.randn(2**18 // (49 * m) * 2 + 3, 49, m, generator=g, dtype=torch.float64)
+    ref = torch.softmax(s, -1)
+    out = softmax_(s.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() <= 2**-8 * ref.abs().max() + 1e-3
+    assert torch.allclose(out.double().sum(-1), torch.ones(s.shape[:-1], dtype=torch.float64), atol=0.02)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention_kernel import attention_scores, explicit_attention, scaled_dot_product
+from .attention_kernel import attention_scores, explicit_attention, scaled_dot_product, softmax_
 from .tracing import tracing
 from .window import WindowPlan, _mod, zero_pad_slots
 
@@ -130,7 +130,7 @@ class _WindowSoftmaxAttention(torch.autograd.Function):
         n = length // num_windows
         q, k, v = (t.view(b, heads, num_windows, n, d) for t in qkvw.unbind(0))
         attn = attention_scores(q, k, scale, _combined_bias(rel, mask, num_windows, n)).view(-1, n, n)
-        attn = torch.softmax(attn, -1, out=attn)
+        attn = softmax_(attn)
         out = torch.bmm(attn, v.reshape(-1, n, d))
         ctx.save_for_backward(qkvw, attn)
         ctx.scale, ctx.num_windows = scale, num_windows
