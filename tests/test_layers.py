@@ -700,9 +700,9 @@ def test_inplace_softmax_matches_float64(m):
     softmax rounded once to bfloat16, for every slice (more rows than one slice holds)."""
     from vit_backbones.layers.attention_kernel import softmax_
     g = torch.Generator().manual_seed(0)
-    s = 3 * torch.randn(2**18 // (49 * m) * 2 + 3, 49, m, generator=g, dtype=torch.float64)
-    ref = torch.softmax(s, -1)
-    out = softmax_(s.bfloat16())
+    s = (3 * torch.randn(2**18 // (49 * m) * 2 + 3, 49, m, generator=g)).bfloat16()
+    ref = torch.softmax(s.double(), -1)
+    out = softmax_(s.clone())
     assert out.dtype == torch.bfloat16
-    assert (out.double() - ref).abs().max() <= 2**-8 * ref.abs().max() + 1e-3
+    assert ((out.double() - ref).abs() <= 2**-8 * ref + 1e-6).all()  # rounded once: within one bf16 step
     assert torch.allclose(out.double().sum(-1), torch.ones(s.shape[:-1], dtype=torch.float64), atol=0.02)
