@@ -110,7 +110,7 @@ def test_out_indices_subset_and_derived_level():
 
 
 def test_quick_gelu_is_the_default_activation():
-    from vit_backbones.layers.conv_proj import QuickGELU
+    from vit_backbones.layers.mlp import QuickGELU
     m = _cvt()
     assert isinstance(m.stages[0].blocks[0].mlp.act, QuickGELU)
     assert isinstance(_cvt(act='gelu').stages[0].blocks[0].mlp.act, torch.nn.GELU)

@@ -706,3 +706,31 @@ def test_inplace_softmax_matches_float64(m):
     assert out.dtype == torch.bfloat16
     assert ((out.double() - ref).abs() <= 2**-8 * ref + 1e-6).all()  # rounded once: within one bf16 step
     assert torch.allclose(out.double().sum(-1), torch.ones(s.shape[:-1], dtype=torch.float64), atol=0.02)
+
+
+def test_quick_gelu_mlp_inference_equals_the_chain():
+    """CvT's MLP with QuickGELU in inference (fc1 scaled into oneDNN's swish, fc2 scaled back) equals the
+    float64 chain fc2(QuickGELU(fc1(x))), in float32 and under bf16 autocast; the cached scaled weights follow
+    in-place changes; with autograd it is the module chain itself (gradients flow)."""
+    from vit_backbones.layers.mlp import Mlp, QuickGELU
+    torch.manual_seed(0)
+    mlp = Mlp(24, 96, act_layer=QuickGELU).eval()
+    x = torch.randn(3, 7, 24)
+
+    def chain64():
+        h = F.linear(x.double(), mlp.fc1.weight.double(), mlp.fc1.bias.double())
+        return F.linear(h * torch.sigmoid(1.702 * h), mlp.fc2.weight.double(), mlp.fc2.bias.double())
+
+    with torch.no_grad():
+        ref = chain64()
+        assert (mlp(x).double() - ref).abs().max() < 1e-5
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out16 = mlp(x)
+        assert out16.dtype == torch.bfloat16 and (out16.double() - ref).abs().max() < 0.02 * ref.abs().max()
+        mlp.fc1.weight.mul_(-1)
+        mlp.fc2.bias.add_(1)
+        assert (mlp(x).double() - chain64()).abs().max() < 1e-5
+    y = mlp(x.requires_grad_())
+    y.sum().backward()
+    assert x.grad is not None and mlp.fc1.weight.grad is not None
+    assert (y.double() - chain64()).abs().max() < 1e-5

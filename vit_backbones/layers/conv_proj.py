@@ -18,13 +18,6 @@ from .format import token_map
 from .linear import inference_linear
 
 
-class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU, ``x * sigmoid(1.702 x)`` (used by CLIP and the official CvT)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
 class DepthwiseConvBN(nn.Module):
     """Depthwise ``k x k`` convolution (no bias) + BatchNorm2d on an NCHW map; returns (B, H'*W', C) tokens."""
 

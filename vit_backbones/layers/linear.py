@@ -60,15 +60,18 @@ def _has_hooks(layer: nn.Module) -> bool:
                 m._global_forward_pre_hooks)
 
 
-def _weights(layer: nn.Module, dtype: torch.dtype):
+def _weights(layer: nn.Module, dtype: torch.dtype, scale: float = 1., scale_bias: bool = True):
+    """The layer's weight and bias in ``dtype`` (times ``scale``; the bias too unless ``scale_bias=False``),
+    cast once per weight version and kept in the module's ``__dict__`` (not its state_dict)."""
     w, b = layer.weight, layer.bias
-    if w.dtype == dtype and (b is None or b.dtype == dtype):
+    if scale == 1. and w.dtype == dtype and (b is None or b.dtype == dtype):
         return w, b
-    key = (dtype, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+    key = (dtype, scale, scale_bias, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
     cached = layer.__dict__.get('_vb_cast_weights')
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+            bias = None if b is None else (b.detach() * scale if scale_bias and scale != 1. else b.detach()).to(dtype)
+            cached = (key, (w.detach() * scale if scale != 1. else w.detach()).to(dtype), bias)
         layer.__dict__['_vb_cast_weights'] = cached
     return cached[1], cached[2]
 
@@ -146,3 +149,24 @@ def inference_conv(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = False) -> torc
     w, b = _weights(conv, dtype)
     return _ONEDNN_CONV(x.to(dtype), w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
                         'gelu', [], 'none')
+
+
+#: QuickGELU's slope: x * sigmoid(QUICK_GELU_SLOPE * x)
+QUICK_GELU_SLOPE = 1.702
+
+
+def inference_quick_gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Optional[torch.Tensor]:
+    """``fc2(QuickGELU(fc1(x)))`` without autograd as two oneDNN linears, or None where that path does not
+    apply (then the caller runs its layers).
+
+    QuickGELU(y) = y * sigmoid(a y) = swish(a y) / a with a = 1.702, and oneDNN applies swish (z * sigmoid(z))
+    to the accumulator: fc1 runs with its weight and bias scaled by a, fc2 with its weight divided by a
+    (both kept, cast and scaled once per weight version). Saves the two elementwise passes over the
+    hidden-size tensor (CvT's MLPs)."""
+    dtype = _compute_dtype(x)
+    if not (_fast_path(x, fc1, dtype) and _fast_path(x, fc2, dtype)) or needs_autograd(
+            x, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
+        return None
+    w1, b1 = _weights(fc1, dtype, QUICK_GELU_SLOPE)
+    w2, b2 = _weights(fc2, dtype, 1. / QUICK_GELU_SLOPE, scale_bias=False)
+    return _ONEDNN_LINEAR(_ONEDNN_LINEAR(x.to(dtype), w1, b1, 'swish', [], ''), w2, b2, 'none', [], '')

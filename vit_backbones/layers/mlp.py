@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .format import token_map
-from .linear import _compute_dtype, fuses_gelu, inference_conv, inference_linear, linear_nt, matmul_nn
+from .linear import (QUICK_GELU_SLOPE, _compute_dtype, fuses_gelu, inference_conv, inference_linear,
+                     inference_quick_gelu_mlp, linear_nt, matmul_nn)
 from .tracing import tracing
 
 
@@ -45,6 +46,13 @@ class _LinearGeluLinear(torch.autograd.Function):
         return gx, gw1, gb1, gw2, gb2, None
 
 
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU, ``x * sigmoid(1.702 x)`` (used by CLIP and the official CvT)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(QUICK_GELU_SLOPE * x)
+
+
 class Mlp(nn.Module):
     """fc1 -> act -> (optional depthwise 3x3 conv on the token grid) -> drop -> fc2 -> drop.
 
@@ -74,6 +82,10 @@ class Mlp(nn.Module):
                 and torch.is_grad_enabled() and not tracing()):  # traced: the module chain (plain autograd)
             return _LinearGeluLinear.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                            self.act.approximate)
+        if self.dwconv is None and type(self.act) is QuickGELU and isinstance(self.drop, nn.Identity):
+            y = inference_quick_gelu_mlp(x, self.fc1, self.fc2)  # (CvT) QuickGELU inside fc1, inference on CPU
+            if y is not None:
+                return y
         fused = fuses_gelu(self.act)  # GELU applied inside fc1 or the dwconv (inference on CPU)
         if self.dwconv is None:
             x = inference_linear(x, self.fc1, gelu=fused)

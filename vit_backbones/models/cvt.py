@@ -23,7 +23,8 @@ from torch import nn
 from ..checkpoint.loader import CheckpointMismatchError, strip_prefix
 from ..checkpoint.rename import any_key_matches, rename_keys
 from ..layers import Mlp, PatchEmbed, ceil_max_pool2d, make_drop_path, nlc_to_nchw
-from ..layers.conv_proj import ConvProjectionAttention, QuickGELU
+from ..layers.conv_proj import ConvProjectionAttention
+from ..layers.mlp import QuickGELU
 from ..registry import register_backbone
 from .base import BaseBackbone, drop_path_rates, init_transformer_weights, resolve_arch
 
