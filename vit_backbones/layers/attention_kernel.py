@@ -107,11 +107,15 @@ def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     if q.dtype != torch.bfloat16 or q.device.type != 'cpu' or tracing() or torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad or bias is not None and bias.requires_grad):
         return False
-    *lead, n, _ = q.shape
+    return _score_bytes(q, k) <= EXPLICIT_MAX_BYTES
+
+
+def _score_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Size of the (..., Nq, Nk) score matrix the explicit kernel materialises, in q's dtype."""
     rows = 1
-    for s in torch.broadcast_shapes(tuple(lead), tuple(k.shape[:-2])):
+    for s in torch.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2])):
         rows *= s
-    return rows * n * k.shape[-2] * q.element_size() <= EXPLICIT_MAX_BYTES
+    return rows * q.shape[-2] * k.shape[-2] * q.element_size()
 
 
 def softmax_(scores: torch.Tensor) -> torch.Tensor:
@@ -144,11 +148,7 @@ def _explicit_trains_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         return False
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False
-    *lead, n, _ = q.shape
-    rows = 1
-    for s in torch.broadcast_shapes(tuple(lead), tuple(k.shape[:-2])):
-        rows *= s
-    return rows * n * k.shape[-2] * q.element_size() <= EXPLICIT_MAX_BYTES
+    return _score_bytes(q, k) <= EXPLICIT_MAX_BYTES
 
 
 def _inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
