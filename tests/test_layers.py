@@ -666,32 +666,65 @@ def test_inference_conv_fuses_gelu_like_the_layer():
         assert torch.allclose(mlp(t, (5, 6)), chain, atol=1e-6)
 
 
-def test_bfloat16_training_attention_with_few_keys_matches_definition():
-    """bfloat16 attention with autograd and few keys takes the explicit kernel (faster than the fused forward
-    + backward there); its values and q/k/v gradients equal the float64 definition's within a small multiple
-    of the fused kernel's own bfloat16 error. Many keys keep the fused kernel."""
-    from vit_backbones.layers.attention_kernel import EXPLICIT_TRAIN_MAX_KEYS, _explicit_trains_faster
+@pytest.mark.parametrize('bias_kind', ['none', 'learned'])
+def test_bfloat16_training_attention_matches_definition(bias_kind):
+    """bfloat16 attention with autograd takes the sliced explicit kernel (faster than the fused forward +
+    backward there); its values and q/k/v (and learned bias) gradients equal the float64 definition's within
+    a small multiple of the fused kernel's own bfloat16 error. Score tensors over the bound keep the fused
+    kernel; so does no autograd (the inference path decides)."""
+    from vit_backbones.layers.attention_kernel import EXPLICIT_TRAIN_MAX_BYTES, _explicit_trains_faster
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 30, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = None if bias_kind == 'none' else torch.randn(3, 30, 30, generator=g, dtype=torch.float64)
     w = torch.randn(2, 3, 30, 16, generator=g, dtype=torch.float64)
-    ref = _naive_attention(q, k, v, None, 0.3)
-    ref_grads = torch.autograd.grad((ref * w).sum(), [q, k, v])
+    ref_leaves = [q, k, v] + ([bias.requires_grad_()] if bias is not None else [])
+    ref = _naive_attention(q, k, v, bias, 0.3)
+    ref_grads = torch.autograd.grad((ref * w).sum(), ref_leaves)
     leaves = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    assert _explicit_trains_faster(*leaves)
+    if bias is not None:
+        leaves.append(bias.detach().float().requires_grad_())  # a float32 table, as under autocast
+    b16 = leaves[3] if bias is not None else None
+    assert _explicit_trains_faster(*leaves[:3], b16)
     results = []
     for fn in (scaled_dot_product, F.scaled_dot_product_attention):
-        out = fn(*leaves, scale=0.3)
+        out = fn(*leaves[:3], b16 if fn is scaled_dot_product or b16 is None else b16.bfloat16(), scale=0.3)
         grads = torch.autograd.grad((out.double() * w).sum(), leaves)
+        assert all(gr.dtype == t.dtype for gr, t in zip(grads, leaves))
         results.append([(out.double() - ref).abs().max().item()] +
                        [(a.double() - b).abs().max().item() for a, b in zip(grads, ref_grads)])
     ours, fused = results
     scales = [ref.abs().max().item()] + [t.abs().max().item() for t in ref_grads]
     for e, f, s in zip(ours, fused, scales):
         assert e < 3 * f + 1e-3 and e < 0.03 * s
-    many = torch.randn(1, 2, EXPLICIT_TRAIN_MAX_KEYS + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    rows = EXPLICIT_TRAIN_MAX_BYTES // (2 * 64 * 64) + 1  # one (rows, 64, 64) score tensor over the bound
+    many = torch.randn(rows, 1, 64, 8, dtype=torch.bfloat16, requires_grad=True)
     assert not _explicit_trains_faster(many, many, many)
     with torch.no_grad():
-        assert not _explicit_trains_faster(*leaves)  # no autograd: the inference path decides
+        assert not _explicit_trains_faster(*leaves[:3])
+
+
+@pytest.mark.parametrize('slice_bytes', [10**9, 3 * 37 * 37 * 8, 2 * 37 * 37 * 8, 16 * 37 * 8])
+@pytest.mark.parametrize('bias_shape', [None, (3, 37, 37), (2, 1, 1, 37), (2, 3, 37, 37)])
+def test_sliced_attention_is_exact(monkeypatch, slice_bytes, bias_shape):
+    """The sliced explicit kernel in float64 equals the definition (values and every gradient),
+    whether its slices are whole images, heads of one image or query rows of one head, for a bias shared
+    across images, a key-padding bias and a full one; v may be wider than q and k (LeViT)."""
+    from vit_backbones.layers import attention_kernel as ak
+    monkeypatch.setattr(ak, 'SLICE_BYTES', slice_bytes)
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 3, 37, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 37, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g, dtype=torch.float64,
+                                                       requires_grad=True)
+    expected_slices = {10**9: 1, 3 * 37 * 37 * 8: 2, 2 * 37 * 37 * 8: 4, 16 * 37 * 8: 18}[slice_bytes]
+    assert len(ak._slices(2, 3, 37, 37, 8)) == expected_slices
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+    out = ak._SlicedAttention.apply(q, k, v, bias, 0.3)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ref = _naive_attention(q, k, v, bias, 0.3)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves)):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(out, ref, atol=1e-12)
 
 
 @pytest.mark.parametrize('m', [49, 100])

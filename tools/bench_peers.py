@@ -275,7 +275,10 @@ def resolve(model: str, arch=None):
         extra.update({k: arch.pop(k) for k in list(arch) if k in extra})
         arch.setdefault('base', spec['arch'])
     name, cfg = resolve_arch(arch or spec['arch'], cls.arch_zoo, spec['name'], getattr(cls, 'arch_aliases', None))
-    return spec, name, dict(extra, **cfg)
+    cfg = dict(extra, **cfg)
+    if spec.get('plain'):  # the peers tap the blocks our pyramid uses
+        cfg['taps'] = tuple(build_ours(spec, name, cfg, (224, 224, 1), 0.).block_indices)
+    return spec, name, cfg
 
 
 def build_ours(spec, arch_name, cfg, size, dp):
@@ -581,8 +584,6 @@ def run(args):
     per_model = isinstance(arch, dict) and bool(arch) and set(arch) <= set(MODELS)
     for model in models:
         spec, arch_name, cfg = resolve(model, arch.get(model) if per_model else arch)
-        if spec.get('plain'):  # the peers tap the blocks our pyramid uses
-            cfg['taps'] = tuple(build_ours(spec, arch_name, cfg, (224, 224, 1), 0.).block_indices)
         sizes = [tuple(int(v) for v in s.split('x')) for s in args.sizes.split(',')] if args.sizes else spec['sizes']
         for size in sizes:
             results += run_model_size(model, spec, arch_name, cfg, size, peers, passes, dtypes, args, device)

@@ -75,6 +75,8 @@ def scaled_dot_product(q: torch.Tensor,
         scale: score scale; defaults to d ** -0.5.
         return_attn: also return the attention probabilities.
     """
+    if not return_attn and dropout_p == 0. and _explicit_trains_faster(q, k, v, bias):
+        return _SlicedAttention.apply(q, k.to(q.dtype), v.to(q.dtype), bias, q.shape[-1]**-0.5 if scale is None else scale)
     if return_attn or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
         return explicit_attention(q, k, v, bias, dropout_p, scale, return_attn)
     if v.shape[-1] != q.shape[-1] and not tracing():
@@ -85,8 +87,6 @@ def scaled_dot_product(q: torch.Tensor,
         bias = bias.to(q.dtype)
     if dropout_p == 0. and _explicit_is_faster(q, k, v, bias):
         return _inference_attention(q, k, v, bias, q.shape[-1]**-0.5 if scale is None else scale)
-    if _explicit_trains_faster(q, k, v):
-        return explicit_attention(q, k, v, bias, dropout_p, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
@@ -133,22 +133,135 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-#: bfloat16 training: the most keys for which the explicit kernel (with autograd) beats the fused one
-EXPLICIT_TRAIN_MAX_KEYS = 256
+#: bfloat16 training: the largest total of attention probabilities (bytes) one call of the explicit kernel
+#: keeps for its backward (beyond it: the fused kernel, which keeps none)
+EXPLICIT_TRAIN_MAX_BYTES = 256 * 2**20
+#: the explicit training kernel works a slice of about this many score bytes at a time
+SLICE_BYTES = 8 * 2**20
 
 
-def _explicit_trains_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """bfloat16 training on CPU with few keys, where the explicit kernel (autograd through two batched matmuls
-    and the softmax, the attention matrix kept for the backward) beats the fused kernel's forward + backward.
+def _explicit_trains_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None) -> bool:
+    """bfloat16 training on CPU, where :class:`_SlicedAttention` (two batched matmuls and the softmax per slice,
+    the probabilities kept for a hand-written backward) beats the fused kernel's forward + backward.
 
-    Measured forward + backward, 2 threads, AMD EPYC with AVX512-BF16: 1.8-3.0x faster at 197 keys (ViT-B,
-    DeiT-S at 224), 2.5-5x at 49-50 keys (PVT v2's reduced keys, CvT stage 3); slower at 784-1025 keys
-    (0.66-0.70x), which keep the fused kernel. The kept matrices are bounded as for inference."""
-    if q.dtype != torch.bfloat16 or q.device.type != 'cpu' or tracing() or k.shape[-2] > EXPLICIT_TRAIN_MAX_KEYS:
+    Measured forward + backward of the call alone, 2 threads, AMD EPYC with AVX512-BF16: 2.4-3.5x faster at
+    197-1025 keys (ViT-B, DeiT-S), 1.9-2.9x at PVT v2's 49-950 reduced keys (224x224 b8 and 800x1216 b1),
+    2.3-2.5x for CvT at 224x224 b8. In float32 the two were within 5%, so float32 keeps the fused kernel.
+    The kept probabilities are bounded by ``EXPLICIT_TRAIN_MAX_BYTES``."""
+    if q.dtype != torch.bfloat16 or q.device.type != 'cpu' or tracing() or q.dim() != 4:
         return False
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))):
         return False
-    return _score_bytes(q, k) <= EXPLICIT_MAX_BYTES
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2] or bias is not None and bias.dim() > 4:
+        return False
+    return _score_bytes(q, k) <= EXPLICIT_TRAIN_MAX_BYTES
+
+
+def _slices(b: int, h: int, n: int, m: int, esize: int, budget: int = None):
+    """(b0, b1, h0, h1, n0, n1) blocks covering a (b, h, n, m) score tensor, each of about ``budget`` bytes:
+    whole images when they fit, else heads of one image, else query rows of one head."""
+    budget = SLICE_BYTES if budget is None else budget
+    row = n * m * esize
+    if row * h <= budget:
+        step = max(1, budget // (row * h))
+        return [(i, min(b, i + step), 0, h, 0, n) for i in range(0, b, step)]
+    if row <= budget:
+        step = max(1, budget // row)
+        return [(i, i + 1, j, min(h, j + step), 0, n) for i in range(b) for j in range(0, h, step)]
+    step = max(1, budget // (m * esize))
+    return [(i, i + 1, j, j + 1, r, min(n, r + step)) for i in range(b) for j in range(h) for r in range(0, n, step)]
+
+
+def _bias_slice(bias: Optional[torch.Tensor], sl) -> Optional[torch.Tensor]:
+    """The part of a 4-D bias (broadcast axes of size 1) that a slice of the score tensor adds."""
+    if bias is None:
+        return None
+    b0, b1, h0, h1, n0, n1 = sl
+    whole = slice(None)
+    return bias[slice(b0, b1) if bias.shape[0] > 1 else whole, slice(h0, h1) if bias.shape[1] > 1 else whole,
+                slice(n0, n1) if bias.shape[2] > 1 else whole]
+
+
+class _SlicedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v for (B, heads, N, d) tensors of one dtype, a slice of about
+    ``SLICE_BYTES`` of scores at a time (:func:`_slices`); the probabilities are kept per slice for the
+    textbook backward (dS = P * (dP - rowsum(dP * P)), computed in place of dP).
+
+    Slices keep every buffer small, so the C allocator reuses freed memory instead of mapping (and
+    zero-filling) fresh pages for each large score tensor; that, not the arithmetic, made the unsliced
+    explicit kernel slower than the fused one beyond a few hundred keys. Same roundings as the explicit
+    path under autocast: the logits (bias added in the matmul) are rounded to q's dtype once, the softmax
+    computes in float32 and rounds once. A bias (broadcastable, any dtype, may be learned) gets its gradient
+    summed in float32 (or wider); so are the k/v gradients where query rows are split.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        b, h, n, d = q.shape
+        m, e = k.shape[-2], v.shape[-1]
+        bias4 = None if bias is None else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        plan = _slices(b, h, n, m, q.element_size())
+        out = q.new_empty(b, h, n, e)
+        probs = []
+        with torch.autocast('cpu', enabled=False):
+            for sl in plan:
+                b0, b1, h0, h1, n0, n1 = sl
+                p = attention_scores(q[b0:b1, h0:h1, n0:n1], k[b0:b1, h0:h1], scale, _bias_slice(bias4, sl))
+                p = softmax_(p.view(-1, n1 - n0, m))
+                out[b0:b1, h0:h1, n0:n1] = torch.bmm(p, v[b0:b1, h0:h1].reshape(-1, m, e)).view(
+                    b1 - b0, h1 - h0, n1 - n0, e)
+                probs.append(p)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.bias_shape = None if bias is None else (bias.shape, bias4.shape, bias.dtype)
+        ctx.save_for_backward(q, k, v, *probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, *probs = ctx.saved_tensors
+        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
+        n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+        split_rows = any(sl[5] - sl[4] < n for sl in ctx.plan)
+        wide = torch.promote_types(q.dtype, torch.float32)
+        acc = wide if split_rows else k.dtype
+        dq = torch.empty_like(q) if need_q else None
+        new = torch.zeros if split_rows else torch.empty  # (unsplit: each (image, head) block written once)
+        dk = new(k.shape, dtype=acc, device=k.device) if need_k else None
+        dv = new(v.shape, dtype=acc, device=v.device) if need_v else None
+        dbias = torch.zeros(ctx.bias_shape[1], dtype=wide, device=q.device) if need_bias else None
+        for sl, p in zip(ctx.plan, probs):
+            b0, b1, h0, h1, n0, n1 = sl
+            shape = (b1 - b0, h1 - h0)
+            g = grad[b0:b1, h0:h1, n0:n1].reshape(-1, n1 - n0, e)
+            ks, vs = k[b0:b1, h0:h1].reshape(-1, m, d), v[b0:b1, h0:h1].reshape(-1, m, e)
+            if need_v:
+                part = torch.bmm(p.transpose(1, 2), g).view(*shape, m, e)
+                if split_rows:
+                    dv[b0:b1, h0:h1] += part
+                else:
+                    dv[b0:b1, h0:h1] = part
+            if not (need_q or need_k or need_bias):
+                continue
+            ds = torch.bmm(g, vs.transpose(1, 2))
+            ds = torch._softmax_backward_data(ds, p, -1, p.dtype, grad_input=ds)
+            if need_bias:
+                axes = [a for a, size in enumerate(dbias.shape[:3]) if size == 1 and (shape + (n1 - n0,))[a] > 1]
+                part = ds.view(*shape, n1 - n0, m)
+                _bias_slice(dbias, sl).add_(part.sum(axes, keepdim=True, dtype=wide) if axes else part)
+            if need_q:
+                dq[b0:b1, h0:h1, n0:n1] = torch.bmm(ds, ks).mul_(ctx.scale).view(*shape, n1 - n0, d)
+            if need_k:
+                qs = q[b0:b1, h0:h1, n0:n1].reshape(-1, n1 - n0, d)
+                part = torch.bmm(ds.transpose(1, 2), qs).mul_(ctx.scale).view(*shape, m, d)
+                if split_rows:
+                    dk[b0:b1, h0:h1] += part
+                else:
+                    dk[b0:b1, h0:h1] = part
+        if dbias is not None:
+            shape, _, dtype = ctx.bias_shape
+            dbias = dbias.view(shape).to(dtype)
+        return dq, None if dk is None else dk.to(k.dtype), None if dv is None else dv.to(v.dtype), dbias, None
 
 
 def _inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
