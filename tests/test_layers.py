@@ -574,11 +574,16 @@ def test_float32_training_linears_give_autograds_gradients():
 @pytest.mark.parametrize('shape,bias_shape', [((2, 3, 49, 16), (1, 3, 49, 49)),  # windows
                                               ((2, 2, 30, 16), (2, 1, 1, 100)),  # key padding, more keys
                                               ((2, 2, 30, 16), None)])
-def test_inference_attention_matches_definition(shape, bias_shape):
+@pytest.mark.parametrize('slice_bytes', [None, 600])
+def test_inference_attention_matches_definition(monkeypatch, shape, bias_shape, slice_bytes):
     """Without autograd on CPU, bfloat16 attention runs the explicit inference kernel (faster there than the
-    fused one); it equals the float64 definition within the error the fused kernel makes."""
+    fused one); it equals the float64 definition within the error the fused kernel makes, also when it works
+    a few query rows at a time."""
     dtype = torch.bfloat16
+    from vit_backbones.layers import attention_kernel
     from vit_backbones.layers.attention_kernel import _explicit_is_faster
+    if slice_bytes:
+        monkeypatch.setattr(attention_kernel, 'SLICE_BYTES', slice_bytes)
     g = torch.Generator().manual_seed(0)
     b, h, n, d = shape
     m = bias_shape[-1] if bias_shape else n
@@ -606,8 +611,10 @@ def test_attention_kernel_choice():
         assert _explicit_is_faster(small, small, small, None)
         for dt in (torch.float32, torch.float64):
             assert not _explicit_is_faster(small.to(dt), small.to(dt), small.to(dt), None)
-        huge = torch.empty(64, 16, 1024, 8, dtype=torch.bfloat16)  # a 2 GiB score matrix
-        assert not _explicit_is_faster(huge, huge, huge, None)
+        huge = torch.empty(64, 16, 1024, 8, dtype=torch.bfloat16)  # a 2 GiB score matrix: sliced
+        assert _explicit_is_faster(huge, huge, huge, None)
+        huge5 = huge.view(8, 8, 16, 1024, 8)  # a shape the slices do not take: in one piece, so bounded
+        assert not _explicit_is_faster(huge5, huge5, huge5, None)
     assert not _explicit_is_faster(small.requires_grad_(), small, small, None)
 
 

@@ -90,7 +90,8 @@ def scaled_dot_product(q: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
-#: the largest score matrix (bytes) that the inference path below materialises
+#: the largest score matrix (bytes) that the inference path below materialises in one piece (shapes it
+#: cannot slice)
 EXPLICIT_MAX_BYTES = 64 * 2**20
 
 
@@ -99,15 +100,16 @@ def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 
     The fused CPU kernel runs its small per-block matmuls with a conversion each; oneDNN's bfloat16 batched
     matmuls and one softmax over the materialised scores are faster. Measured without autograd, 2 threads,
-    AMD EPYC with AVX512-BF16, same strided inputs: the attention call alone 1.5-2.2x faster at 49-197
-    keys (windows, PVT's reduced keys, ViT/DeiT at 224), 1.1-1.2x at 950-1025 keys; Swin-T eval at 224x224
-    b8 1.18x as a whole (interleaved in one process). In float32 the same comparison gave no gain for a
-    whole Swin-T (MKL's batched matmuls), so float32 keeps the fused kernel.
+    AMD EPYC with AVX512-BF16, same strided inputs, a slice of scores at a time: the attention call alone
+    2.0-2.4x faster at 49-1025 keys (windows, PVT v2's reduced keys at 224x224 b8 and 800x1216 b1, ViT-B at
+    224 and 512, CvT stage 1 at 800x1216 with 15200 keys); Swin-T eval at 224x224 b8 1.18x as a whole
+    (interleaved in one process). In float32 the fused kernel was as fast or faster (0.7-0.93x) beyond 49
+    keys, so float32 keeps it.
     """
     if q.dtype != torch.bfloat16 or q.device.type != 'cpu' or tracing() or torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad or bias is not None and bias.requires_grad):
         return False
-    return _score_bytes(q, k) <= EXPLICIT_MAX_BYTES
+    return _sliceable(q, k, v, bias) or _score_bytes(q, k) <= EXPLICIT_MAX_BYTES
 
 
 def _score_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -149,11 +151,9 @@ def _explicit_trains_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     197-1025 keys (ViT-B, DeiT-S), 1.9-2.9x at PVT v2's 49-950 reduced keys (224x224 b8 and 800x1216 b1),
     2.3-2.5x for CvT at 224x224 b8. In float32 the two were within 5%, so float32 keeps the fused kernel.
     The kept probabilities are bounded by ``EXPLICIT_TRAIN_MAX_BYTES``."""
-    if q.dtype != torch.bfloat16 or q.device.type != 'cpu' or tracing() or q.dim() != 4:
+    if q.dtype != torch.bfloat16 or q.device.type != 'cpu' or tracing() or not _sliceable(q, k, v, bias):
         return False
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))):
-        return False
-    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2] or bias is not None and bias.dim() > 4:
         return False
     return _score_bytes(q, k) <= EXPLICIT_TRAIN_MAX_BYTES
 
@@ -183,6 +183,40 @@ def _bias_slice(bias: Optional[torch.Tensor], sl) -> Optional[torch.Tensor]:
                 slice(n0, n1) if bias.shape[2] > 1 else whole]
 
 
+def _as_4d(bias: torch.Tensor) -> torch.Tensor:
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+
+
+def _sliceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """(B, heads, N, d) q, k, v with the same leading axes and a bias of at most 4 axes: what the sliced
+    kernels take."""
+    return q.dim() == 4 and k.shape[:-2] == q.shape[:-2] and v.shape[:-2] == q.shape[:-2] and (
+        bias is None or bias.dim() <= 4)
+
+
+def _sliced_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                    keep: bool):
+    """softmax(q k^T * scale + bias) v of (B, heads, N, d) tensors of one dtype a slice at a time
+    (:func:`_slices`): the logits (bias written first, q k^T accumulated onto it) rounded to q's dtype once,
+    the softmax in place. Returns the output, the slices and (``keep``) each slice's probabilities."""
+    b, h, n, d = q.shape
+    m, e = k.shape[-2], v.shape[-1]
+    bias4 = None if bias is None else _as_4d(bias)
+    plan = _slices(b, h, n, m, q.element_size())
+    out = q.new_empty(b, h, n, e)
+    probs = []
+    with torch.autocast(q.device.type, enabled=False):
+        for sl in plan:
+            b0, b1, h0, h1, n0, n1 = sl
+            p = attention_scores(q[b0:b1, h0:h1, n0:n1], k[b0:b1, h0:h1], scale, _bias_slice(bias4, sl))
+            p = softmax_(p.view(-1, n1 - n0, m))
+            out[b0:b1, h0:h1, n0:n1] = torch.bmm(p, v[b0:b1, h0:h1].reshape(-1, m, e)).view(
+                b1 - b0, h1 - h0, n1 - n0, e)
+            if keep:
+                probs.append(p)
+    return out, plan, probs
+
+
 class _SlicedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v for (B, heads, N, d) tensors of one dtype, a slice of about
     ``SLICE_BYTES`` of scores at a time (:func:`_slices`); the probabilities are kept per slice for the
@@ -198,22 +232,9 @@ class _SlicedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
-        b, h, n, d = q.shape
-        m, e = k.shape[-2], v.shape[-1]
-        bias4 = None if bias is None else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        plan = _slices(b, h, n, m, q.element_size())
-        out = q.new_empty(b, h, n, e)
-        probs = []
-        with torch.autocast('cpu', enabled=False):
-            for sl in plan:
-                b0, b1, h0, h1, n0, n1 = sl
-                p = attention_scores(q[b0:b1, h0:h1, n0:n1], k[b0:b1, h0:h1], scale, _bias_slice(bias4, sl))
-                p = softmax_(p.view(-1, n1 - n0, m))
-                out[b0:b1, h0:h1, n0:n1] = torch.bmm(p, v[b0:b1, h0:h1].reshape(-1, m, e)).view(
-                    b1 - b0, h1 - h0, n1 - n0, e)
-                probs.append(p)
+        out, plan, probs = _sliced_forward(q, k, v, bias, scale, keep=True)
         ctx.plan, ctx.scale = plan, scale
-        ctx.bias_shape = None if bias is None else (bias.shape, bias4.shape, bias.dtype)
+        ctx.bias_shape = None if bias is None else (bias.shape, _as_4d(bias).shape, bias.dtype)
         ctx.save_for_backward(q, k, v, *probs)
         return out
 
@@ -268,9 +289,12 @@ def _inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
                          scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v without autograd, in q's dtype: the logits (bias accumulated onto
     in the matmul, :func:`attention_scores`) are rounded to that dtype once, as autocast's matmuls do, and
-    the softmax (computed in float32 inside the kernel) overwrites them with the probabilities."""
+    the softmax (computed in float32 inside the kernel) overwrites them with the probabilities. (B, heads,
+    N, d) inputs go a slice of scores at a time (:func:`_sliced_forward`); other shapes in one piece."""
     *lead, n, d = q.shape
     m = k.shape[-2]
+    if _sliceable(q, k, v, bias):
+        return _sliced_forward(q, k.to(q.dtype), v.to(q.dtype), bias, scale, keep=False)[0]
     lead = torch.broadcast_shapes(tuple(lead), tuple(k.shape[:-2]))
     with torch.autocast('cpu', enabled=False):
         q, k, v = q.expand(*lead, n, d), k.to(q.dtype).expand(*lead, m, d), v.to(q.dtype).expand(*lead, m, v.shape[-1])
