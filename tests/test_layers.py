@@ -282,13 +282,20 @@ def _window_attention_reference(x, attn, hw, ws, shift, key_pad_mask=None):
     return attn.proj(out)
 
 
-@pytest.mark.parametrize('hw,ws,shift', [((9, 11), 4, 2), ((8, 8), 4, 0), ((8, 8), 4, 2), ((5, 3), 7, 3), ((9, 11), 4, 0)])
-def test_window_attention_matches_definition_with_gradients(hw, ws, shift):
+@pytest.mark.parametrize('hw,ws,shift,slice_bytes', [((9, 11), 4, 2, None), ((8, 8), 4, 0, None), ((8, 8), 4, 2, None),
+                                                    ((5, 3), 7, 3, None), ((9, 11), 4, 0, None),
+                                                    ((9, 11), 4, 2, 16 * 16 * 8 * 12),  # per head
+                                                    ((9, 11), 4, 2, 16 * 16 * 8 * 5)])  # runs of windows
+def test_window_attention_matches_definition_with_gradients(monkeypatch, hw, ws, shift, slice_bytes):
     """Training path (one autograd function from the qkv tokens to the output tokens, projections on
-    real tokens only, padding slots = q/k/v of a zero token) and the no-grad fused path both equal the
-    pad/roll/partition definition; the gradients of the input, both projections, the qkv bias (which
-    the padding slots use too) and the relative-position table are the definition's."""
-    from vit_backbones.layers import WindowAttention, window_plan
+    real tokens only, padding slots = q/k/v of a zero token; also worked a head or a few windows at a
+    time) and the no-grad fused path both equal the pad/roll/partition definition; the gradients of the
+    input, both projections, the qkv bias (which the padding slots use too) and the relative-position
+    table are the definition's."""
+    from vit_backbones.layers import WindowAttention, attention_kernel, window_plan
+    if slice_bytes:
+        monkeypatch.setattr(attention_kernel, 'SLICE_BYTES', slice_bytes)
+        assert len(attention_kernel._slices(2, 3, 9, 16 * 16, 8)) == {12: 6, 5: 12}[slice_bytes // (16 * 16 * 8)]
     torch.manual_seed(0)
     attn = WindowAttention(12, 3, (ws, ws)).double()
     with torch.no_grad():

@@ -210,8 +210,7 @@ def _sliced_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
             b0, b1, h0, h1, n0, n1 = sl
             p = attention_scores(q[b0:b1, h0:h1, n0:n1], k[b0:b1, h0:h1], scale, _bias_slice(bias4, sl))
             p = softmax_(p.view(-1, n1 - n0, m))
-            out[b0:b1, h0:h1, n0:n1] = torch.bmm(p, v[b0:b1, h0:h1].reshape(-1, m, e)).view(
-                b1 - b0, h1 - h0, n1 - n0, e)
+            torch.bmm(p, v[b0:b1, h0:h1].reshape(-1, m, e), out=out[b0:b1, h0:h1, n0:n1].view(-1, n1 - n0, e))
             if keep:
                 probs.append(p)
     return out, plan, probs
@@ -246,7 +245,7 @@ class _SlicedAttention(torch.autograd.Function):
         split_rows = any(sl[5] - sl[4] < n for sl in ctx.plan)
         wide = torch.promote_types(q.dtype, torch.float32)
         acc = wide if split_rows else k.dtype
-        dq = torch.empty_like(q) if need_q else None
+        dq = q.new_empty(q.shape) if need_q else None
         new = torch.zeros if split_rows else torch.empty  # (unsplit: each (image, head) block written once)
         dk = new(k.shape, dtype=acc, device=k.device) if need_k else None
         dv = new(v.shape, dtype=acc, device=v.device) if need_v else None
@@ -256,12 +255,10 @@ class _SlicedAttention(torch.autograd.Function):
             shape = (b1 - b0, h1 - h0)
             g = grad[b0:b1, h0:h1, n0:n1].reshape(-1, n1 - n0, e)
             ks, vs = k[b0:b1, h0:h1].reshape(-1, m, d), v[b0:b1, h0:h1].reshape(-1, m, e)
-            if need_v:
-                part = torch.bmm(p.transpose(1, 2), g).view(*shape, m, e)
-                if split_rows:
-                    dv[b0:b1, h0:h1] += part
-                else:
-                    dv[b0:b1, h0:h1] = part
+            if need_v and split_rows:
+                dv[b0:b1, h0:h1] += torch.bmm(p.transpose(1, 2), g).view(*shape, m, e)
+            elif need_v:
+                torch.bmm(p.transpose(1, 2), g, out=dv[b0:b1, h0:h1].view(-1, m, e))
             if not (need_q or need_k or need_bias):
                 continue
             ds = torch.bmm(g, vs.transpose(1, 2))
@@ -271,14 +268,16 @@ class _SlicedAttention(torch.autograd.Function):
                 part = ds.view(*shape, n1 - n0, m)
                 _bias_slice(dbias, sl).add_(part.sum(axes, keepdim=True, dtype=wide) if axes else part)
             if need_q:
-                dq[b0:b1, h0:h1, n0:n1] = torch.bmm(ds, ks).mul_(ctx.scale).view(*shape, n1 - n0, d)
+                torch.bmm(ds, ks, out=dq[b0:b1, h0:h1, n0:n1].view(-1, n1 - n0, d))
             if need_k:
                 qs = q[b0:b1, h0:h1, n0:n1].reshape(-1, n1 - n0, d)
-                part = torch.bmm(ds.transpose(1, 2), qs).mul_(ctx.scale).view(*shape, m, d)
                 if split_rows:
-                    dk[b0:b1, h0:h1] += part
+                    dk[b0:b1, h0:h1] += torch.bmm(ds.transpose(1, 2), qs).view(*shape, m, d)
                 else:
-                    dk[b0:b1, h0:h1] = part
+                    torch.bmm(ds.transpose(1, 2), qs, out=dk[b0:b1, h0:h1].view(-1, m, d))
+        for t in (dq, dk):
+            if t is not None:
+                t.mul_(ctx.scale)
         if dbias is not None:
             shape, _, dtype = ctx.bias_shape
             dbias = dbias.view(shape).to(dtype)

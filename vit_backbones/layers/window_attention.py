@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention_kernel import attention_scores, explicit_attention, scaled_dot_product, softmax_
+from .attention_kernel import _slices, attention_scores, explicit_attention, scaled_dot_product, softmax_
 from .tracing import tracing
 from .window import WindowPlan, _mod, zero_pad_slots
 
@@ -119,9 +119,12 @@ class _WindowsToTokens(torch.autograd.Function):
 class _WindowSoftmaxAttention(torch.autograd.Function):
     """softmax(q k^T * scale + rel + mask) v over (3, B, heads, nW*N, d) windows, few buffers.
 
-    Saves q, k, v (the input buffer) and the attention matrix; the backward is the textbook one
-    (dS = P * (dP - rowsum(dP * P))) with dS computed in place of dP and dq, dk, dv written into one
-    buffer laid out like the input.
+    Works a slice of about ``SLICE_BYTES`` of scores at a time (whole images, heads of one image, or a run
+    of windows of one head: :func:`~vit_backbones.layers.attention_kernel._slices` with windows as the rows),
+    so the C allocator reuses the slices' memory instead of mapping fresh pages for one large score tensor.
+    Saves q, k, v (the input buffer) and each slice's attention matrix; the backward is the textbook one
+    (dS = P * (dP - rowsum(dP * P))) with dS computed in place of dP, dq, dk, dv written into one buffer
+    laid out like the input, and the slices' bias gradients summed in float32 (or wider).
     """
 
     @staticmethod
@@ -129,31 +132,47 @@ class _WindowSoftmaxAttention(torch.autograd.Function):
         _, b, heads, length, d = qkvw.shape
         n = length // num_windows
         q, k, v = (t.view(b, heads, num_windows, n, d) for t in qkvw.unbind(0))
-        attn = attention_scores(q, k, scale, _combined_bias(rel, mask, num_windows, n)).view(-1, n, n)
-        attn = softmax_(attn)
-        out = torch.bmm(attn, v.reshape(-1, n, d))
-        ctx.save_for_backward(qkvw, attn)
-        ctx.scale, ctx.num_windows = scale, num_windows
+        plan = _slices(b, heads, num_windows, n * n, qkvw.element_size())
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        probs = []
+        for sl in plan:
+            b0, b1, h0, h1, w0, w1 = sl
+            bias = _combined_bias(None if rel is None else rel[h0:h1], None if mask is None else mask[w0:w1],
+                                  w1 - w0, n)
+            p = softmax_(attention_scores(q[b0:b1, h0:h1, w0:w1], k[b0:b1, h0:h1, w0:w1], scale, bias).view(-1, n, n))
+            torch.bmm(p, v[b0:b1, h0:h1, w0:w1].reshape(-1, n, d), out=out[b0:b1, h0:h1, w0:w1].view(-1, n, d))
+            probs.append(p)
+        ctx.save_for_backward(qkvw, *probs)
+        ctx.scale, ctx.num_windows, ctx.plan = scale, num_windows, plan
+        ctx.rel_dtype = None if rel is None else rel.dtype
         return out.view(b, heads, length, d)
 
     @staticmethod
     def backward(ctx, grad):
-        qkvw, attn = ctx.saved_tensors
+        qkvw, *probs = ctx.saved_tensors
         _, b, heads, length, d = qkvw.shape
-        n = length // ctx.num_windows
-        q, k, v = (t.view(-1, n, d) for t in qkvw.unbind(0))
-        g = grad.reshape(-1, n, d)
-        dqkv = torch.empty_like(qkvw)
-        dq, dk, dv = (t.view(-1, n, d) for t in dqkv.unbind(0))
-        dp = torch.bmm(g, v.transpose(1, 2))
-        torch.bmm(attn.transpose(1, 2), g, out=dv)
-        ds = torch._softmax_backward_data(dp, attn, -1, attn.dtype, grad_input=dp)
-        d_rel = None
-        if ctx.needs_input_grad[1]:
-            d_rel = ds.view(b, heads, ctx.num_windows, n, n).sum(2).sum(0)  # one-axis sums: much faster than sum((0, 2))
-        torch.bmm(ds, k, out=dq).mul_(ctx.scale)
-        torch.bmm(ds.transpose(1, 2), q, out=dk).mul_(ctx.scale)
-        return dqkv, d_rel, None, None, None
+        nw = ctx.num_windows
+        n = length // nw
+        q, k, v = (t.view(b, heads, nw, n, d) for t in qkvw.unbind(0))
+        g5 = grad.reshape(b, heads, nw, n, d)
+        dqkv = torch.empty(qkvw.shape, dtype=qkvw.dtype, device=qkvw.device)
+        dq, dk, dv = (t.view(b, heads, nw, n, d) for t in dqkv.unbind(0))
+        need_rel = ctx.needs_input_grad[1]
+        wide = torch.promote_types(qkvw.dtype, torch.float32)
+        d_rel = torch.zeros(heads, n, n, dtype=wide, device=qkvw.device) if need_rel else None
+        for (b0, b1, h0, h1, w0, w1), p in zip(ctx.plan, probs):
+            g = g5[b0:b1, h0:h1, w0:w1].reshape(-1, n, d)
+            dp = torch.bmm(g, v[b0:b1, h0:h1, w0:w1].reshape(-1, n, d).transpose(1, 2))
+            torch.bmm(p.transpose(1, 2), g, out=dv[b0:b1, h0:h1, w0:w1].view(-1, n, d))
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype, grad_input=dp)
+            if need_rel:  # one-axis sums: much faster than sum((0, 2))
+                d_rel[h0:h1] += ds.view(b1 - b0, h1 - h0, w1 - w0, n, n).sum(2).sum(0)
+            torch.bmm(ds, k[b0:b1, h0:h1, w0:w1].reshape(-1, n, d), out=dq[b0:b1, h0:h1, w0:w1].view(-1, n, d))
+            torch.bmm(ds.transpose(1, 2), q[b0:b1, h0:h1, w0:w1].reshape(-1, n, d),
+                      out=dk[b0:b1, h0:h1, w0:w1].view(-1, n, d))
+        dq.mul_(ctx.scale)
+        dk.mul_(ctx.scale)
+        return dqkv, None if d_rel is None else d_rel.to(ctx.rel_dtype), None, None, None
 
 
 def window_attention(qkv: torch.Tensor,
