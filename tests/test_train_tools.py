@@ -349,3 +349,38 @@ def test_seg_swin_amp_train_and_test(tmp_path):
     label = cv2.imread(str(out / '000.png'), cv2.IMREAD_UNCHANGED)
     assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 1, 2}
     assert len(os.listdir(show / 'vis_data' / 'vis_image')) == 2
+
+
+_RSS_AFTER_FREE = r'''
+import os
+import torch
+from vit_backbones.runtime import keep_freed_memory
+print(keep_freed_memory())
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+base = rss()
+x = torch.ones(64 * 2**20)  # 256 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
+del x
+print('KEPT_MIB', (rss() - base) >> 20)
+'''
+
+
+@pytest.mark.parametrize('choice', ['keep', 'default'])
+def test_keep_freed_memory(choice, tmp_path):
+    """keep_freed_memory (what our tools run with): a freed 256 MiB buffer stays in the process for reuse
+    instead of being unmapped; VIT_BACKBONES_MALLOC=default leaves glibc as it is (the buffer is returned)."""
+    script = tmp_path / 'rss.py'
+    script.write_text(_RSS_AFTER_FREE)
+    proc = run_tool([str(script)], env_extra={'VIT_BACKBONES_MALLOC': choice})
+    kept = int(proc.stdout.split('KEPT_MIB')[1])
+    if choice == 'keep':
+        assert 'freed memory kept for reuse' in proc.stdout and kept >= 200
+    else:
+        assert 'glibc defaults' in proc.stdout and kept < 50
+    bad = run_tool([str(script)], env_extra={'VIT_BACKBONES_MALLOC': 'sometimes'}, check=False)
+    assert bad.returncode != 0 and 'use "keep"' in bad.stderr
+
+
+def test_train_tool_keeps_freed_memory(det_run):
+    """tools/train.py sets malloc up to reuse freed memory and says so in its log."""
+    assert 'malloc: freed memory kept for reuse' in det_run['proc'].stdout

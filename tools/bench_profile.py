@@ -102,6 +102,8 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from vit_backbones.runtime.memory import keep_freed_memory
+    print(f'# {keep_freed_memory()}', flush=True)
     device = torch.device('cpu')
     size = tuple(int(v) for v in args.size.split('x'))
     spec, arch, cfg = bench_peers.resolve(args.model)

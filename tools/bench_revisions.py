@@ -24,11 +24,14 @@ sys.path.insert(0, _HERE)
 from bench_compile import parse_arch, parse_size  # noqa: E402
 
 _CHILD = r'''
-import contextlib, json, statistics, sys, time
+import contextlib, ctypes, json, statistics, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])
 import vit_backbones
 case = json.loads(sys.argv[2])
+if case['malloc'] == 'keep':  # what vit_backbones.runtime.memory.keep_freed_memory does (older revisions lack it)
+    libc = ctypes.CDLL('libc.so.6')
+    assert libc.mallopt(-3, 2**30) and libc.mallopt(-1, -1)
 if case['threads']:
     torch.set_num_threads(case['threads'])
 torch.manual_seed(0)
@@ -79,6 +82,9 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=6, help='paired rounds (default 6)')
     p.add_argument('--steps', type=int, default=3, help='timed steps per run after one warm-up (default 3)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    p.add_argument('--malloc', choices=('keep', 'default'), default='keep',
+                   help="keep: glibc's malloc keeps freed memory for reuse in both runs, as our tools run "
+                        "(vit_backbones.runtime.memory); default: glibc as configured")
     args = p.parse_args(argv)
     args.arch = parse_arch(p, args.arch)
     sizes = [parse_size(s) for s in args.sizes.split(',')]
@@ -107,7 +113,7 @@ def main(argv=None):
                 for dtype in args.dtypes.split(','):
                     for size in sizes:
                         case = dict(model=model, arch=args.arch, mode=mode, dtype=dtype, size=size, steps=args.steps,
-                                    threads=args.threads)
+                                    threads=args.threads, malloc=args.malloc)
                         old, new = [], []
                         for r in range(args.rounds):
                             order = ('old', 'new') if r % 2 == 0 else ('new', 'old')

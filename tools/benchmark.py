@@ -308,6 +308,10 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from vit_backbones.runtime.memory import keep_freed_memory
+    memory = keep_freed_memory()  # as tools/train.py and tools/test.py run (the same for every implementation)
+    if not args._case:
+        print(f'# {memory}', flush=True)
     device = torch.device(args.device)
     if (args.peers or args.models) and not args._case:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -185,6 +185,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from vit_backbones.runtime.memory import keep_freed_memory
+    print(keep_freed_memory(), file=sys.stderr, flush=True)
     if args.batch_size < 1:
         print('error: --batch-size must be >= 1', file=sys.stderr)
         return 2

@@ -24,8 +24,8 @@ except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
     import vit_backbones  # noqa: F401
 
-from vit_backbones.runtime import (allow_mmengine_checkpoints, prepare_distributed, register_scope_modules,
-                                   resolve_scope)
+from vit_backbones.runtime import (allow_mmengine_checkpoints, keep_freed_memory, prepare_distributed,
+                                   register_scope_modules, resolve_scope)
 
 PICKLE_SUFFIXES = ('.pkl', '.pickle')
 
@@ -148,6 +148,7 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """Test according to the command line; returns the metrics."""
     args = parse_args(argv)
+    print(keep_freed_memory(), flush=True)
     allow_mmengine_checkpoints()
     cfg = build_config(args)
     register_scope_modules(cfg.default_scope)

@@ -26,7 +26,7 @@ except ImportError:  # running from a source checkout that is not installed
     import vit_backbones  # noqa: F401
 
 from vit_backbones.runtime import (allow_mmengine_checkpoints, enable_amp, find_resume_checkpoint,
-                                   prepare_distributed, register_scope_modules, resolve_scope,
+                                   keep_freed_memory, prepare_distributed, register_scope_modules, resolve_scope,
                                    use_safe_checkpoint_hook)
 
 
@@ -115,6 +115,7 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[List[str]] = None) -> None:
     """Train according to the command line."""
     args = parse_args(argv)
+    print(keep_freed_memory(), flush=True)
     allow_mmengine_checkpoints()
     cfg = build_config(args)
     scope = resolve_scope(cfg)

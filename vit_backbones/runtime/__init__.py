@@ -8,6 +8,7 @@
 * :mod:`.amp`: bfloat16 autocast training on the CPU (mmengine's ``AmpOptimWrapper`` needs CUDA).
 * :mod:`.scope`: whether a config is an mmdet or an mmseg one, and registering that library's modules.
 * :mod:`.distributed`: ``--launcher pytorch|slurm|mpi`` on machines without CUDA.
+* :mod:`.memory`: glibc's malloc keeping freed memory for reuse (what our tools run with).
 
 Everything imports with torch, mmengine and numpy alone; mmdet and mmseg are imported lazily. The names
 below are imported from their module when first used (``from vit_backbones.runtime import enable_amp``
@@ -20,6 +21,7 @@ _MODULE_OF = {
     'SafeCheckpointHook': 'checkpoint_hook', 'find_resume_checkpoint': 'checkpoint_hook',
     'use_safe_checkpoint_hook': 'checkpoint_hook',
     'init_cpu_distributed': 'distributed', 'prepare_distributed': 'distributed',
+    'keep_freed_memory': 'memory',
     'allow_mmengine_checkpoints': 'safe_globals', 'mmengine_safe_globals': 'safe_globals',
     'SUPPORTED_SCOPES': 'scope', 'register_scope_modules': 'scope', 'resolve_scope': 'scope',
 }
