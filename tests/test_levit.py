@@ -504,3 +504,24 @@ def test_eval_bias_cache_follows_the_tables():
         model(x64)
         out = model(x64)
     assert all(torch.equal(a, b) for a, b in zip(out, fresh(x64)))
+
+
+@pytest.mark.parametrize('q_hw,kv_hw,stride', [((5, 7), (5, 7), 1), ((3, 4), (5, 7), 2)])
+def test_offset_bias_gather_gradient_equals_indexing(monkeypatch, q_hw, kv_hw, stride):
+    """The training gather of the offset bias (index_add_ backward, a few query rows at a time) gives the
+    values and the table gradient of plain advanced indexing, in float64."""
+    from vit_backbones.layers import attention_bias
+    from vit_backbones.layers.attention_bias import gather_offset_bias, offset_bias_index
+    monkeypatch.setattr(attention_bias, '_GATHER_GRAD_BLOCK', 2 * q_hw[1] * kv_hw[0] * kv_hw[1])  # 2 rows a block
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(3, kv_hw[0] * kv_hw[1], generator=g, dtype=torch.float64, requires_grad=True)
+    index = offset_bias_index(q_hw, kv_hw, stride)
+    bias = gather_offset_bias(table, kv_hw, index)
+    assert '_OffsetGatherBackward' in str(bias.grad_fn.next_functions)  # the function, not plain indexing
+    dy, dx = index
+    ref = table.view(3, *kv_hw)[:, dy, dx].reshape(bias.shape)
+    w = torch.randn(bias.shape, generator=g, dtype=torch.float64)
+    assert torch.equal(bias, ref)
+    got, = torch.autograd.grad((bias * w).sum(), table)
+    want, = torch.autograd.grad((ref * w).sum(), table)
+    assert torch.allclose(got, want, atol=1e-12)
