@@ -718,11 +718,12 @@ def test_bfloat16_training_attention_matches_definition(bias_kind):
 
 
 @pytest.mark.parametrize('slice_bytes', [10**9, 3 * 37 * 37 * 8, 2 * 37 * 37 * 8, 16 * 37 * 8])
-@pytest.mark.parametrize('bias_shape', [None, (3, 37, 37), (2, 1, 1, 37), (2, 3, 37, 37)])
+@pytest.mark.parametrize('bias_shape', [None, (3, 37, 37), (2, 1, 1, 37), (2, 3, 37, 37), (3, 37, 1)])
 def test_sliced_attention_is_exact(monkeypatch, slice_bytes, bias_shape):
     """The sliced explicit kernel in float64 equals the definition (values and every gradient),
     whether its slices are whole images, heads of one image or query rows of one head, for a bias shared
-    across images, a key-padding bias and a full one; v may be wider than q and k (LeViT)."""
+    across images, a key-padding bias, a full one and one broadcast over the keys; v may be wider than q
+    and k (LeViT)."""
     from vit_backbones.layers import attention_kernel as ak
     monkeypatch.setattr(ak, 'SLICE_BYTES', slice_bytes)
     g = torch.Generator().manual_seed(4)

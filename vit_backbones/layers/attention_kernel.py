@@ -264,7 +264,7 @@ class _SlicedAttention(torch.autograd.Function):
             ds = torch.bmm(g, vs.transpose(1, 2))
             ds = torch._softmax_backward_data(ds, p, -1, p.dtype, grad_input=ds)
             if need_bias:
-                axes = [a for a, size in enumerate(dbias.shape[:3]) if size == 1 and (shape + (n1 - n0,))[a] > 1]
+                axes = [a for a, size in enumerate(dbias.shape) if size == 1 and (shape + (n1 - n0, m))[a] > 1]
                 part = ds.view(*shape, n1 - n0, m)
                 _bias_slice(dbias, sl).add_(part.sum(axes, keepdim=True, dtype=wide) if axes else part)
             if need_q:
