@@ -553,6 +553,34 @@ def test_inference_linear_equals_the_layer_and_steps_aside_for_autograd_and_hook
     assert x.grad is not None and lin.weight.grad is not None
 
 
+def test_packed_inference_weights_give_the_plain_weights_numbers_and_survive_copies():
+    """Under autocast the cast weights are kept packed in oneDNN's layout: bit for bit the product of the
+    plain bf16 weights (with GELU fused too), refreshed after an in-place change, and a module that holds
+    them can still be deep-copied and pickled (the copy derives its own on its first call)."""
+    import copy
+    import pickle
+    from vit_backbones.layers import linear as lin_mod
+    if lin_mod._REORDER is None or not lin_mod.onednn_usable(torch.zeros(1), torch.bfloat16):
+        pytest.fail('this torch has no oneDNN linear-weight packing on CPU; the packed path is untested')
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 72)
+    x = torch.randn(2, 9, 48)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        for gelu in (False, True):
+            out = lin_mod.inference_linear(x, lin, gelu=gelu)
+            kept = lin.__dict__['_vb_derived_weights'].value[0]
+            assert kept.is_mkldnn  # packed, not a plain bf16 copy
+            plain = lin_mod._ONEDNN_LINEAR(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16(),
+                                           'gelu' if gelu else 'none', [], 'none' if gelu else '')
+            assert torch.equal(out, plain)
+        lin.weight.mul_(-1)
+        assert torch.equal(lin_mod.inference_linear(x, lin), lin_mod._ONEDNN_LINEAR(
+            x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16(), 'none', [], ''))
+        for twin in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+            assert twin.__dict__['_vb_derived_weights'].value is None
+            assert torch.equal(lin_mod.inference_linear(x, twin), lin_mod.inference_linear(x, lin))
+
+
 def test_float32_training_linears_give_autograds_gradients():
     """The fp32 training path (oneDNN product and input gradient, mm for the weight gradient) and the MLP's
     training function give the values and gradients of plain autograd through F.linear / F.gelu, in

