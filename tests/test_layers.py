@@ -581,6 +581,24 @@ def test_packed_inference_weights_give_the_plain_weights_numbers_and_survive_cop
             assert torch.equal(lin_mod.inference_linear(x, twin), lin_mod.inference_linear(x, lin))
 
 
+@pytest.mark.parametrize('columns', [16, 160])
+def test_float32_gradient_matmuls_equal_the_float64_products(columns):
+    """The training linears' gradient products (input gradient g @ W through a transposed view of W, weight
+    gradient g.T @ x on either side of WEIGHT_GRAD_MIN_COLUMNS) equal the float64 products to float32
+    rounding, for contiguous operands and for the strided views the backward passes."""
+    from vit_backbones.layers.linear import WEIGHT_GRAD_MIN_COLUMNS, matmul_nn, matmul_tn
+    assert 16 < WEIGHT_GRAD_MIN_COLUMNS <= 160  # both branches are exercised
+    torch.manual_seed(0)
+    g = torch.randn(300, 48)
+    x = torch.randn(300, columns)
+    w = torch.randn(48, columns)
+    for gg in (g, torch.randn(48, 300).t()):  # contiguous, and a transposed view
+        ref_tn = gg.double().t() @ x.double()
+        assert (matmul_tn(gg, x).double() - ref_tn).abs().max() < 1e-5 * ref_tn.abs().max()
+        ref_nn = gg.double() @ w.double()
+        assert (matmul_nn(gg, w).double() - ref_nn).abs().max() < 1e-5 * ref_nn.abs().max()
+
+
 def test_float32_training_linears_give_autograds_gradients():
     """The fp32 training path (oneDNN product and input gradient, mm for the weight gradient) and the MLP's
     training function give the values and gradients of plain autograd through F.linear / F.gelu, in

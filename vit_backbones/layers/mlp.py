@@ -7,7 +7,7 @@ from torch import nn
 
 from .format import token_map
 from .linear import (QUICK_GELU_SLOPE, _compute_dtype, fuses_gelu, inference_conv, inference_linear,
-                     inference_quick_gelu_mlp, linear_nt, matmul_nn)
+                     inference_quick_gelu_mlp, linear_nt, matmul_nn, matmul_tn)
 from .tracing import tracing
 
 
@@ -36,11 +36,11 @@ class _LinearGeluLinear(torch.autograd.Function):
         x2, h, a, w1, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         gy = gy.reshape(-1, gy.shape[-1]).to(h.dtype)
-        gw2 = gy.t().mm(a) if need[3] else None
+        gw2 = matmul_tn(gy, a) if need[3] else None
         gb2 = gy.sum(0) if need[4] else None
         gh = matmul_nn(gy, w2)
         gh = torch.ops.aten.gelu_backward.grad_input(gh, h, approximate=ctx.approximate, grad_input=gh)
-        gw1 = gh.t().mm(x2) if need[1] else None
+        gw1 = matmul_tn(gh, x2) if need[1] else None
         gb1 = gh.sum(0) if need[2] else None
         gx = matmul_nn(gh, w1).view(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
         return gx, gw1, gb1, gw2, gb2, None
