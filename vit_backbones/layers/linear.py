@@ -133,7 +133,7 @@ def matmul_tn(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _TrainLinear(torch.autograd.Function):
-    """float32 ``F.linear`` with oneDNN for the product and the input gradient (``mm`` for the weight's)."""
+    """float32 ``F.linear`` with oneDNN for the product and both gradients (:func:`matmul_nn`, :func:`matmul_tn`)."""
 
     @staticmethod
     def forward(ctx, x, w, b):
