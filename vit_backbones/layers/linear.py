@@ -89,7 +89,8 @@ def _weights(layer: nn.Module, dtype: torch.dtype, scale: float = 1., scale_bias
     if scale == 1. and w.dtype == dtype and (b is None or b.dtype == dtype):
         return w, b  # (packing the layer's own weight too would keep a second copy of it: not measured to pay)
     packed = packed and _REORDER is not None
-    key = (dtype, scale, scale_bias, packed, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+    key = (dtype, scale, scale_bias, packed, w._version, w.data_ptr(),
+           None if b is None else (b._version, b.data_ptr()))
     cached = layer.__dict__.get('_vb_derived_weights')
     if cached is None:
         cached = layer.__dict__['_vb_derived_weights'] = _DerivedWeights()

@@ -16,7 +16,8 @@ class _LinearGeluLinear(torch.autograd.Function):
     gradient (one hidden-size buffer fewer per block than autograd's chain; the largest buffers of a
     high-resolution backbone). The module chain's operations (in float32 on CPU its matmuls run oneDNN as
     :func:`~vit_backbones.layers.linear.inference_linear` does, so they agree to rounding; in float64 the
-    values and gradients are identical); under autocast everything runs in the autocast dtype, as autocast's own Linear would."""
+    values and gradients are identical); under autocast everything runs in the autocast dtype, as autocast's own
+    Linear would."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, approximate):
