@@ -828,3 +828,66 @@ def test_quick_gelu_mlp_inference_equals_the_chain():
     y.sum().backward()
     assert x.grad is not None and mlp.fc1.weight.grad is not None
     assert (y.double() - chain64()).abs().max() < 1e-5
+
+
+def _random_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.3, 3.)
+        bn.weight.normal_(1., 0.3)
+        bn.bias.normal_(0., 0.3)
+    return bn.eval()
+
+
+@pytest.mark.parametrize('act', [None, 'hardswish', 'gelu'])
+def test_batchnorm_folded_into_linear_and_conv_equals_the_chain(act):
+    """An eval-mode BatchNorm folded into the linear / convolution before it (one oneDNN call with the activation
+    applied to the accumulator) gives act(bn(layer(x))) against float64, in float32 and under bf16 autocast;
+    the folded weights follow in-place changes of the running statistics; a training-mode BatchNorm, autograd,
+    an activation oneDNN cannot apply, or a hook on the BatchNorm leave the call to the modules (None)."""
+    from vit_backbones.layers.linear import inference_conv_bn, inference_linear_bn
+    torch.manual_seed(0)
+    act_mod = {None: None, 'hardswish': torch.nn.Hardswish(), 'gelu': torch.nn.GELU()}[act]
+    act_fn = {None: lambda t: t, 'hardswish': F.hardswish, 'gelu': F.gelu}[act]
+    lin, bn1 = torch.nn.Linear(24, 40), _random_bn(torch.nn.BatchNorm1d(40))
+    conv, bn2 = torch.nn.Conv2d(6, 10, 3, 2, 1, bias=False), _random_bn(torch.nn.BatchNorm2d(10))
+    dw, bn3 = torch.nn.Conv2d(10, 10, 3, 2, 1, groups=10, bias=False), _random_bn(torch.nn.BatchNorm2d(10))
+    x, img, fmap = torch.randn(3, 7, 24), torch.randn(2, 6, 11, 13), torch.randn(2, 10, 9, 8)
+
+    def ref64(kind):
+        if kind == 'linear':
+            y = F.linear(x.double(), lin.weight.double(), lin.bias.double()).transpose(1, 2)
+            bn, y2 = bn1, None
+        else:
+            layer, bn, inp = (conv, bn2, img) if kind == 'conv' else (dw, bn3, fmap)
+            y = F.conv2d(inp.double(), layer.weight.double(), None, layer.stride, layer.padding, 1, layer.groups)
+        y2 = F.batch_norm(y, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                          bn.bias.double(), False, 0., bn.eps)
+        y2 = act_fn(y2)
+        return y2.transpose(1, 2) if kind == 'linear' else y2
+
+    calls = {'linear': lambda: inference_linear_bn(x, lin, bn1, act_mod),
+             'conv': lambda: inference_conv_bn(img, conv, bn2, act_mod),
+             'dw': lambda: inference_conv_bn(fmap, dw, bn3, act_mod)}
+    with torch.no_grad():
+        for kind, call in calls.items():
+            out = call()
+            assert out.dtype == torch.float32 and (out.double() - ref64(kind)).abs().max() < 1e-5, kind
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                out16 = call()
+            assert out16.dtype == torch.bfloat16
+            assert ((out16.double() - ref64(kind)).abs().max() / ref64(kind).abs().max()) < 0.02, kind
+        for bn in (bn1, bn2, bn3):  # in place, as a training step's running-statistics update does
+            bn.running_mean.add_(0.7)
+            bn.running_var.mul_(1.5)
+        for kind, call in calls.items():
+            assert (call().double() - ref64(kind)).abs().max() < 1e-5, kind
+        bn1.train()
+        assert inference_linear_bn(x, lin, bn1, act_mod) is None  # batch statistics: nothing to fold
+        bn1.eval()
+        assert inference_linear_bn(x, lin, bn1, torch.nn.SiLU()) is None
+        handle = bn2.register_forward_hook(lambda *a: None)
+        assert inference_conv_bn(img, conv, bn2, act_mod) is None
+        handle.remove()
+    assert inference_linear_bn(x.requires_grad_(), lin, bn1, act_mod) is None
+    assert inference_conv_bn(img, conv.requires_grad_(), bn2, act_mod) is None

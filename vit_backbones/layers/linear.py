@@ -56,6 +56,13 @@ def _fast_path(x: torch.Tensor, layer: nn.Linear, dtype: torch.dtype) -> bool:
     return layer.weight.device.type == 'cpu' and layer.weight.dtype in _DTYPES
 
 
+def _conv_fast_path(x: torch.Tensor, conv: nn.Module, dtype: torch.dtype) -> bool:
+    """oneDNN's pointwise convolution can run the plain ``nn.Conv2d`` ``conv`` on ``x`` in ``dtype``."""
+    return (_ONEDNN_CONV is not None and onednn_usable(x, dtype) and type(conv) is nn.Conv2d and not _has_hooks(conv)
+            and conv.padding_mode == 'zeros' and not isinstance(conv.padding, str)
+            and conv.weight.device.type == 'cpu' and conv.weight.dtype in _DTYPES)
+
+
 def _has_hooks(layer: nn.Module) -> bool:
     m = _module_globals
     return bool(layer._forward_hooks or layer._forward_pre_hooks or m._global_forward_hooks or
@@ -78,6 +85,24 @@ class _DerivedWeights:
         return _DerivedWeights, ()
 
 
+def _kept(module: nn.Module, name: str, key, build):
+    """``build()`` (weights derived from parameters, without autograd), kept in ``module.__dict__[name]`` and
+    rebuilt when ``key`` (versions and data pointers of what they derive from) changes."""
+    cached = module.__dict__.get(name)
+    if cached is None:
+        cached = module.__dict__[name] = _DerivedWeights()
+    if cached.key != key:
+        with torch.no_grad():
+            cached.key, cached.value = key, build()
+    return cached.value
+
+
+def _state(*tensors: Optional[torch.Tensor]) -> tuple:
+    """What identifies the current values of ``tensors``: in-place changes bump ``_version``, reassignment
+    or ``.to()`` changes the data pointer."""
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in tensors)
+
+
 def _weights(layer: nn.Module, dtype: torch.dtype, scale: float = 1., scale_bias: bool = True, packed: bool = False):
     """The layer's weight and bias in ``dtype`` (times ``scale``; the bias too unless ``scale_bias=False``):
     the parameters themselves where they already are that, else derived once per weight version and kept on
@@ -89,17 +114,45 @@ def _weights(layer: nn.Module, dtype: torch.dtype, scale: float = 1., scale_bias
     if scale == 1. and w.dtype == dtype and (b is None or b.dtype == dtype):
         return w, b  # (packing the layer's own weight too would keep a second copy of it: not measured to pay)
     packed = packed and _REORDER is not None
-    key = (dtype, scale, scale_bias, packed, w._version, w.data_ptr(),
-           None if b is None else (b._version, b.data_ptr()))
-    cached = layer.__dict__.get('_vb_derived_weights')
-    if cached is None:
-        cached = layer.__dict__['_vb_derived_weights'] = _DerivedWeights()
-    if cached.key != key:
-        with torch.no_grad():
-            bias = None if b is None else (b.detach() * scale if scale_bias and scale != 1. else b.detach()).to(dtype)
-            weight = (w.detach() * scale if scale != 1. else w.detach()).to(dtype)
-            cached.key, cached.value = key, (_REORDER(weight) if packed else weight, bias)
-    return cached.value
+
+    def build():
+        bias = None if b is None else (b.detach() * scale if scale_bias and scale != 1. else b.detach()).to(dtype)
+        weight = (w.detach() * scale if scale != 1. else w.detach()).to(dtype)
+        return _REORDER(weight) if packed else weight, bias
+
+    return _kept(layer, '_vb_derived_weights', (dtype, scale, scale_bias, packed) + _state(w, b), build)
+
+
+def folds_bn(bn: nn.Module) -> bool:
+    """Whether ``bn`` is a plain BatchNorm that normalises with its running statistics (eval mode, or kept in
+    eval by ``norm_eval``): an affine map per channel that can be folded into the layer before it."""
+    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+            and bn.running_mean is not None and bn.running_var is not None and not _has_hooks(bn))
+
+
+def _bn_folded(layer: nn.Module, bn: nn.Module, dtype: torch.dtype, packed: bool):
+    """``layer``'s weight and bias with the eval-mode BatchNorm that follows it folded in (computed in
+    float64, then cast to ``dtype``): with s = gamma / sqrt(running_var + eps) per output channel,
+    W' = W * s and b' = (b - running_mean) * s + beta. Kept on ``layer`` until any of them changes."""
+    w, b = layer.weight, layer.bias
+    packed = packed and _REORDER is not None and w.dim() == 2
+
+    def build():
+        wide = torch.float64
+        s = bn.running_var.detach().to(wide).add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            s = s * bn.weight.detach().to(wide)
+        shift = -bn.running_mean.detach().to(wide)
+        if b is not None:
+            shift = shift + b.detach().to(wide)
+        shift = shift * s
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().to(wide)
+        weight = (w.detach().to(wide) * s.view((-1, ) + (1, ) * (w.dim() - 1))).to(dtype)
+        return _REORDER(weight) if packed else weight, shift.to(dtype)
+
+    key = (dtype, packed, bn.eps) + _state(w, b, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return _kept(layer, '_vb_bn_folded', key, build)
 
 
 def linear_nt(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -172,6 +225,55 @@ def inference_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> t
     return _ONEDNN_LINEAR(x.to(dtype), w, b, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
 
 
+def _post_op(act: Optional[nn.Module]):
+    """oneDNN's (attr, algorithm) for an activation module it can apply to a matmul's accumulator, else None."""
+    if act is None:
+        return 'none', ''
+    if type(act) is nn.Hardswish:
+        return 'hardswish', ''
+    if type(act) is nn.ReLU:
+        return 'relu', ''
+    if fuses_gelu(act):
+        return 'gelu', 'none'
+    return None
+
+
+def inference_linear_bn(x: torch.Tensor, layer: nn.Linear, bn: nn.Module,
+                        act: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
+    """``act(bn(layer(x)))`` (``act`` None: ``bn(layer(x))``) over the last axis, without autograd, as one oneDNN
+    matmul: an eval-mode BatchNorm folded into the layer's weight and bias (:func:`_bn_folded`, kept and packed
+    as :func:`inference_linear` keeps its weights; in the autocast dtype under autocast), the activation
+    (Hardswish, ReLU, exact GELU) applied to the accumulator. Returns None where that does not apply (training
+    BatchNorm, autograd, another activation, the cases where :func:`inference_linear` calls the layer): the
+    caller then runs its modules. Saves the BatchNorm's and the activation's passes over the output (LeViT)."""
+    if x.device.type != 'cpu' or not folds_bn(bn):
+        return None
+    dtype = _compute_dtype(x)
+    post = _post_op(act)
+    if post is None or not _fast_path(x, layer, dtype) or needs_autograd(x, layer.weight, layer.bias, bn.weight,
+                                                                            bn.bias):
+        return None
+    w, b = _bn_folded(layer, bn, dtype, packed=True)
+    return _ONEDNN_LINEAR(x.to(dtype), w, b, post[0], [], post[1])
+
+
+def inference_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
+                      act: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
+    """``act(bn(conv(x)))`` without autograd as one oneDNN convolution with the eval-mode BatchNorm folded into
+    its weight and bias and the activation applied to its output before it is written; None where that does
+    not apply (as :func:`inference_linear_bn`; also padding modes other than zeros, string paddings)."""
+    if x.device.type != 'cpu' or not folds_bn(bn):
+        return None
+    dtype = _compute_dtype(x)
+    post = _post_op(act)
+    if post is None or not _conv_fast_path(x, conv, dtype) or needs_autograd(x, conv.weight, conv.bias, bn.weight,
+                                                                             bn.bias):
+        return None
+    w, b = _bn_folded(conv, bn, dtype, packed=False)
+    return _ONEDNN_CONV(x.to(dtype), w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                        post[0], [], post[1])
+
+
 def fuses_gelu(act: Optional[nn.Module]) -> bool:
     """Whether ``act`` is the exact GELU that :func:`inference_linear` can fuse."""
     return type(act) is nn.GELU and act.approximate == 'none'
@@ -183,10 +285,7 @@ def inference_conv(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = False) -> torc
     one pass over the hidden-size map fewer), weights cast once per version under autocast; otherwise the
     layer (+ ``F.gelu``)."""
     dtype = _compute_dtype(x) if x.device.type == 'cpu' else x.dtype
-    if (not gelu or _ONEDNN_CONV is None or not onednn_usable(x, dtype) or type(conv) is not nn.Conv2d
-            or _has_hooks(conv) or conv.padding_mode != 'zeros' or isinstance(conv.padding, str)
-            or conv.weight.device.type != 'cpu' or conv.weight.dtype not in _DTYPES
-            or needs_autograd(x, conv.weight, conv.bias)):
+    if not gelu or not _conv_fast_path(x, conv, dtype) or needs_autograd(x, conv.weight, conv.bias):
         y = conv(x)
         return F.gelu(y) if gelu else y
     w, b = _weights(conv, dtype)

@@ -44,7 +44,7 @@ from torch import nn
 from ..checkpoint.loader import strip_prefix
 from ..checkpoint.rename import unwrap_keys
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
-from ..layers.linear import inference_linear
+from ..layers.linear import inference_conv_bn, inference_linear, inference_linear_bn
 from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
                                      resize_offset_bias_table, traced_offset_bias)
 from ..layers.tracing import ceil_div, symbolic_tracing, tracing
@@ -62,13 +62,19 @@ class LinearBN(nn.Module):
         self.bn = nn.BatchNorm1d(out_dim)
         self.bn_weight_init = bn_weight_init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
+        """``bn(fc(x))``, then ``act`` if given; without autograd and with the BatchNorm in eval mode one
+        matmul with the BatchNorm folded in and the activation fused (:func:`inference_linear_bn`)."""
+        y = inference_linear_bn(x, self.fc, self.bn, act)
+        if y is not None:
+            return y
         y = inference_linear(x, self.fc)
         if self.bn.training and y.shape[0] * y.shape[1] == 1:
             raise ValueError('LeViT: BatchNorm in training mode needs more than one token per batch, but a map '
                              'reduced to a single token (batch of 1, image at most 64 px on a side). Use a batch of '
                              'at least 2, a larger image, norm_eval=True, or out_indices without the stride-64 level')
-        return self.bn(y.flatten(0, 1)).view(y.shape)
+        y = self.bn(y.flatten(0, 1)).view(y.shape)
+        return y if act is None else act(y)
 
 
 class ConvBN(nn.Module):
@@ -79,8 +85,13 @@ class ConvBN(nn.Module):
         self.conv = nn.Conv2d(in_ch, out_ch, 3, 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+    def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
+        """``bn(conv(x))``, then ``act`` if given (one oneDNN convolution in eval: :func:`inference_conv_bn`)."""
+        y = inference_conv_bn(x, self.conv, self.bn, act)
+        if y is not None:
+            return y
+        y = self.bn(self.conv(x))
+        return y if act is None else act(y)
 
 
 class LeViTStem(nn.Module):
@@ -95,8 +106,8 @@ class LeViTStem(nn.Module):
         self.act = nn.Hardswish()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x4 = self.act(self.conv2(self.act(self.conv1(x))))
-        x8 = self.act(self.conv3(x4))
+        x4 = self.conv2(self.conv1(x, self.act), self.act)
+        x8 = self.conv3(x4, self.act)
         return x4, x8, self.conv4(x8)
 
 
@@ -206,7 +217,7 @@ class LeViTMlp(nn.Module):
         self.fc2 = LinearBN(hidden, dim, bn_weight_init=0.)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x, self.act))
 
 
 class LeViTBlock(nn.Module):
