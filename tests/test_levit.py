@@ -525,3 +525,50 @@ def test_offset_bias_gather_gradient_equals_indexing(monkeypatch, q_hw, kv_hw, s
     got, = torch.autograd.grad((bias * w).sum(), table)
     want, = torch.autograd.grad((ref * w).sum(), table)
     assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_folded_batchnorms_give_the_modules_outputs_and_gradients(monkeypatch, dtype):
+    """With frozen BatchNorm statistics (norm_eval=True) each LinearBN / ConvBN runs as one folded linear or
+    convolution, in training (with autograd) and in eval: outputs, the input gradient and the gradients of
+    the weights and of the BatchNorm affine parameters equal the modules' own (the running statistics stay)."""
+    import vit_backbones.models.levit as levit_mod
+    torch.manual_seed(0)
+    model = _levit(norm_eval=True).to(dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.)
+                m.weight.normal_(1., 0.2)
+                m.bias.normal_(0., 0.2)
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k}
+    x = torch.randn(2, 3, 64, 96, dtype=dtype)
+
+    def run(fold):
+        if not fold:
+            monkeypatch.setattr(levit_mod, 'foldable', lambda *a: False)
+            monkeypatch.setattr(levit_mod, 'inference_linear_bn', lambda *a: None)
+            monkeypatch.setattr(levit_mod, 'inference_conv_bn', lambda *a: None)
+        xi = x.clone().requires_grad_()
+        outs = model(xi)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view(o.shape)).sum() for o in outs).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            evals = model(x)
+        monkeypatch.undo()
+        return outs, xi.grad, grads, evals
+
+    outs, gx, grads, evals = run(True)
+    ref_outs, ref_gx, ref_grads, ref_evals = run(False)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for a, b in zip(outs + evals, ref_outs + ref_evals):
+        assert (a - b).abs().max() <= tol * b.abs().max()
+    assert (gx - ref_gx).abs().max() <= tol * ref_gx.abs().max()
+    assert grads.keys() == ref_grads.keys()
+    scale = max(g.abs().max() for g in ref_grads.values())
+    for name in ref_grads:
+        assert (grads[name] - ref_grads[name]).abs().max() <= tol * scale, name
+    assert any('bn.weight' in n for n in grads) and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())

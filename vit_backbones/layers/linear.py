@@ -130,6 +130,39 @@ def folds_bn(bn: nn.Module) -> bool:
             and bn.running_mean is not None and bn.running_var is not None and not _has_hooks(bn))
 
 
+def fold_bn(layer: nn.Module, bn: nn.Module):
+    """``layer``'s (weight, bias) with the eval-mode BatchNorm that follows it (:func:`folds_bn`) folded in,
+    W' = W * s, b' = (b - running_mean) * s + beta with s = gamma / sqrt(running_var + eps), as differentiable
+    functions of the layer's and the BatchNorm's affine parameters (the running statistics are constants
+    there): training with frozen statistics (``norm_eval=True``) runs one matmul per layer, and autograd gives
+    the gradients of W, b, gamma and beta that the two modules would."""
+    w, b = layer.weight, layer.bias
+    s = (bn.running_var + bn.eps).rsqrt()
+    if bn.weight is not None:
+        s = s * bn.weight
+    shift = -bn.running_mean if b is None else b - bn.running_mean
+    shift = shift * s
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return w * s.view((-1, ) + (1, ) * (w.dim() - 1)).to(w.dtype), shift.to(w.dtype)
+
+
+def train_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for tensors that need gradients: in float32 on CPU outside autocast oneDNN's
+    product and gradients (:class:`_TrainLinear`), else ``F.linear`` itself (bf16 autocast runs oneDNN too)."""
+    if (x.dtype == torch.float32 and w.dtype == torch.float32 and _compute_dtype(x) == torch.float32
+            and onednn_usable(x, torch.float32) and w.device.type == 'cpu'):
+        return _TrainLinear.apply(x, w, b)
+    return F.linear(x, w, b)
+
+
+def foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    """A plain ``nn.Linear`` / ``nn.Conv2d`` without hooks followed by a BatchNorm that :func:`folds_bn`, outside
+    any tracer (traced graphs keep the two modules)."""
+    return (type(layer) in (nn.Linear, nn.Conv2d) and not _has_hooks(layer) and folds_bn(bn) and not tracing()
+            and (type(layer) is nn.Linear or layer.padding_mode == 'zeros'))
+
+
 def _bn_folded(layer: nn.Module, bn: nn.Module, dtype: torch.dtype, packed: bool):
     """``layer``'s weight and bias with the eval-mode BatchNorm that follows it folded in (computed in
     float64, then cast to ``dtype``): with s = gamma / sqrt(running_var + eps) per output channel,

@@ -39,12 +39,14 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import strip_prefix
 from ..checkpoint.rename import unwrap_keys
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
-from ..layers.linear import inference_conv_bn, inference_linear, inference_linear_bn
+from ..layers.linear import (fold_bn, foldable, inference_conv_bn, inference_linear, inference_linear_bn,
+                             train_linear)
 from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
                                      resize_offset_bias_table, traced_offset_bias)
 from ..layers.tracing import ceil_div, symbolic_tracing, tracing
@@ -63,11 +65,15 @@ class LinearBN(nn.Module):
         self.bn_weight_init = bn_weight_init
 
     def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
-        """``bn(fc(x))``, then ``act`` if given; without autograd and with the BatchNorm in eval mode one
-        matmul with the BatchNorm folded in and the activation fused (:func:`inference_linear_bn`)."""
+        """``bn(fc(x))``, then ``act`` if given. With the BatchNorm in eval mode (``model.eval()``, or
+        ``norm_eval=True`` in training) one matmul with the BatchNorm folded in: without autograd also with the
+        activation fused (:func:`inference_linear_bn`), with autograd through the fold (:func:`fold_bn`)."""
         y = inference_linear_bn(x, self.fc, self.bn, act)
         if y is not None:
             return y
+        if foldable(self.fc, self.bn):  # frozen statistics with autograd (norm_eval=True): one matmul too
+            y = train_linear(x, *fold_bn(self.fc, self.bn))
+            return y if act is None else act(y)
         y = inference_linear(x, self.fc)
         if self.bn.training and y.shape[0] * y.shape[1] == 1:
             raise ValueError('LeViT: BatchNorm in training mode needs more than one token per batch, but a map '
@@ -86,11 +92,15 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
-        """``bn(conv(x))``, then ``act`` if given (one oneDNN convolution in eval: :func:`inference_conv_bn`)."""
+        """``bn(conv(x))``, then ``act`` if given; folded into one convolution as :meth:`LinearBN.forward`."""
         y = inference_conv_bn(x, self.conv, self.bn, act)
         if y is not None:
             return y
-        y = self.bn(self.conv(x))
+        if foldable(self.conv, self.bn):
+            c = self.conv
+            y = F.conv2d(x, *fold_bn(c, self.bn), c.stride, c.padding, c.dilation, c.groups)
+        else:
+            y = self.bn(self.conv(x))
         return y if act is None else act(y)
 
 
