@@ -891,3 +891,36 @@ def test_batchnorm_folded_into_linear_and_conv_equals_the_chain(act):
         handle.remove()
     assert inference_linear_bn(x.requires_grad_(), lin, bn1, act_mod) is None
     assert inference_conv_bn(img, conv.requires_grad_(), bn2, act_mod) is None
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_leff_with_folded_batchnorms_equals_its_modules(monkeypatch, dtype):
+    """CeiT's LeFF with eval-mode BatchNorms (eval, or frozen statistics in training) folds each into its
+    convolution (GELU fused without autograd): outputs and the input / parameter gradients equal running the
+    convolutions, BatchNorms and activations one by one."""
+    from vit_backbones.layers import linear as lin_mod
+    from vit_backbones.layers.leff import LocallyEnhancedFeedForward
+    torch.manual_seed(0)
+    leff = LocallyEnhancedFeedForward(8, 24).to(dtype)
+    for bn in (leff.bn1, leff.bn2, leff.bn3):
+        _random_bn(bn)
+    x = torch.randn(2, 1 + 5 * 6, 8, dtype=dtype)
+    w = torch.linspace(-1, 1, x.numel(), dtype=dtype).view(x.shape)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        (leff(xi, (5, 6)) * w).sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in leff.parameters()]
+        leff.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            return leff(x, (5, 6)), grads
+
+    out, grads = run()
+    for name in ('foldable', 'inference_conv_bn'):
+        monkeypatch.setattr(lin_mod, name, lambda *a: None)
+    ref, ref_grads = run()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+    scale = max(g.abs().max() for g in ref_grads)
+    assert all((g - r).abs().max() <= tol * scale for g, r in zip(grads, ref_grads))
+    assert all(not bn.training for bn in (leff.bn1, leff.bn2, leff.bn3))

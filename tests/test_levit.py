@@ -532,7 +532,7 @@ def test_folded_batchnorms_give_the_modules_outputs_and_gradients(monkeypatch, d
     """With frozen BatchNorm statistics (norm_eval=True) each LinearBN / ConvBN runs as one folded linear or
     convolution, in training (with autograd) and in eval: outputs, the input gradient and the gradients of
     the weights and of the BatchNorm affine parameters equal the modules' own (the running statistics stay)."""
-    import vit_backbones.models.levit as levit_mod
+    import vit_backbones.layers.linear as linear_mod
     torch.manual_seed(0)
     model = _levit(norm_eval=True).to(dtype)
     with torch.no_grad():
@@ -548,9 +548,9 @@ def test_folded_batchnorms_give_the_modules_outputs_and_gradients(monkeypatch, d
 
     def run(fold):
         if not fold:
-            monkeypatch.setattr(levit_mod, 'foldable', lambda *a: False)
-            monkeypatch.setattr(levit_mod, 'inference_linear_bn', lambda *a: None)
-            monkeypatch.setattr(levit_mod, 'inference_conv_bn', lambda *a: None)
+            monkeypatch.setattr(linear_mod, 'foldable', lambda *a: False)
+            monkeypatch.setattr(linear_mod, 'inference_linear_bn', lambda *a: None)
+            monkeypatch.setattr(linear_mod, 'inference_conv_bn', lambda *a: None)
         xi = x.clone().requires_grad_()
         outs = model(xi)
         sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view(o.shape)).sum() for o in outs).backward()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .format import token_map
+from .linear import conv_bn_act
 
 
 class LocallyEnhancedFeedForward(nn.Module):
@@ -55,7 +56,7 @@ class LocallyEnhancedFeedForward(nn.Module):
         if p < 0:
             raise ValueError(f'LeFF expects a {h}x{w} grid (plus prefix tokens), got a sequence of {n}')
         y = token_map(x[:, p:], (h, w))
-        y = self.act(self.bn1(self.conv1(y)))
-        y = self.act(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y)).flatten(2).transpose(1, 2)
+        y = conv_bn_act(y, self.conv1, self.bn1, self.act)  # eval-mode BatchNorms folded into the convolutions
+        y = conv_bn_act(y, self.conv2, self.bn2, self.act)
+        y = conv_bn_act(y, self.conv3, self.bn3).flatten(2).transpose(1, 2)
         return torch.cat([x[:, :p], y], dim=1) if p else y

@@ -163,6 +163,35 @@ def foldable(layer: nn.Module, bn: nn.Module) -> bool:
             and (type(layer) is nn.Linear or layer.padding_mode == 'zeros'))
 
 
+def linear_bn_act(x: torch.Tensor, layer: nn.Linear, bn: nn.Module, act: Optional[nn.Module] = None) -> torch.Tensor:
+    """``act(bn(layer(x)))`` over the last axis (a BatchNorm1d over every token; ``act`` None: none). A BatchNorm
+    in eval mode (``model.eval()``, or ``norm_eval=True`` in training) is folded into the layer: without
+    autograd one oneDNN matmul with the activation fused (:func:`inference_linear_bn`), with autograd one
+    linear through the fold (:func:`fold_bn`); otherwise the modules."""
+    y = inference_linear_bn(x, layer, bn, act)
+    if y is not None:
+        return y
+    if foldable(layer, bn):
+        y = train_linear(x, *fold_bn(layer, bn))
+    else:
+        y = inference_linear(x, layer)
+        y = bn(y.reshape(-1, y.shape[-1])).view(y.shape)
+    return y if act is None else act(y)
+
+
+def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, act: Optional[nn.Module] = None) -> torch.Tensor:
+    """``act(bn(conv(x)))`` with an eval-mode BatchNorm folded into the convolution as in :func:`linear_bn_act`
+    (:func:`inference_conv_bn` without autograd); ``bn`` may also be any other module (then it is run)."""
+    y = inference_conv_bn(x, conv, bn, act)
+    if y is not None:
+        return y
+    if foldable(conv, bn):
+        y = F.conv2d(x, *fold_bn(conv, bn), conv.stride, conv.padding, conv.dilation, conv.groups)
+    else:
+        y = bn(conv(x))
+    return y if act is None else act(y)
+
+
 def _bn_folded(layer: nn.Module, bn: nn.Module, dtype: torch.dtype, packed: bool):
     """``layer``'s weight and bias with the eval-mode BatchNorm that follows it folded in (computed in
     float64, then cast to ``dtype``): with s = gamma / sqrt(running_var + eps) per output channel,

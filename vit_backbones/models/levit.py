@@ -39,14 +39,12 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import strip_prefix
 from ..checkpoint.rename import unwrap_keys
 from ..layers import make_drop_path, nlc_to_nchw, scaled_dot_product
-from ..layers.linear import (fold_bn, foldable, inference_conv_bn, inference_linear, inference_linear_bn,
-                             train_linear)
+from ..layers.linear import conv_bn_act, linear_bn_act
 from ..layers.attention_bias import (check_offset_bias_traceable, gather_offset_bias, offset_bias_index,
                                      resize_offset_bias_table, traced_offset_bias)
 from ..layers.tracing import ceil_div, symbolic_tracing, tracing
@@ -65,22 +63,13 @@ class LinearBN(nn.Module):
         self.bn_weight_init = bn_weight_init
 
     def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
-        """``bn(fc(x))``, then ``act`` if given. With the BatchNorm in eval mode (``model.eval()``, or
-        ``norm_eval=True`` in training) one matmul with the BatchNorm folded in: without autograd also with the
-        activation fused (:func:`inference_linear_bn`), with autograd through the fold (:func:`fold_bn`)."""
-        y = inference_linear_bn(x, self.fc, self.bn, act)
-        if y is not None:
-            return y
-        if foldable(self.fc, self.bn):  # frozen statistics with autograd (norm_eval=True): one matmul too
-            y = train_linear(x, *fold_bn(self.fc, self.bn))
-            return y if act is None else act(y)
-        y = inference_linear(x, self.fc)
-        if self.bn.training and y.shape[0] * y.shape[1] == 1:
+        """``bn(fc(x))``, then ``act`` if given; an eval-mode BatchNorm folded into the matmul
+        (:func:`~vit_backbones.layers.linear.linear_bn_act`)."""
+        if self.bn.training and x.shape[0] * x.shape[1] == 1:
             raise ValueError('LeViT: BatchNorm in training mode needs more than one token per batch, but a map '
                              'reduced to a single token (batch of 1, image at most 64 px on a side). Use a batch of '
                              'at least 2, a larger image, norm_eval=True, or out_indices without the stride-64 level')
-        y = self.bn(y.flatten(0, 1)).view(y.shape)
-        return y if act is None else act(y)
+        return linear_bn_act(x, self.fc, self.bn, act)
 
 
 class ConvBN(nn.Module):
@@ -92,16 +81,8 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
-        """``bn(conv(x))``, then ``act`` if given; folded into one convolution as :meth:`LinearBN.forward`."""
-        y = inference_conv_bn(x, self.conv, self.bn, act)
-        if y is not None:
-            return y
-        if foldable(self.conv, self.bn):
-            c = self.conv
-            y = F.conv2d(x, *fold_bn(c, self.bn), c.stride, c.padding, c.dilation, c.groups)
-        else:
-            y = self.bn(self.conv(x))
-        return y if act is None else act(y)
+        """``bn(conv(x))``, then ``act`` if given; folded as :meth:`LinearBN.forward`."""
+        return conv_bn_act(x, self.conv, self.bn, act)
 
 
 class LeViTStem(nn.Module):
