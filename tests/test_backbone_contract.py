@@ -216,7 +216,8 @@ def test_forward_intermediates_shapes_and_forward_maps(name, hw):
     assert all(torch.isfinite(m).all() and not m.requires_grad for m in maps)
     if isinstance(model, PlainBackbone):  # no pyramid: every block at the patch stride, blocks differ
         assert n == len(model.blocks) and not any(torch.equal(maps[i], maps[i + 1]) for i in range(n - 1))
-        pairs = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
+        with torch.no_grad():  # as the calls above (eval without autograd may run fused kernels: other roundings)
+            pairs = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
         p = model.runtime_prefix_tokens
         assert p == len(model.prefix_token_names)
         assert [tuple(pre.shape) for _, pre in pairs] == [(2, p, model.embed_dims)] * n
