@@ -168,12 +168,14 @@ def linear_bn_act(x: torch.Tensor, layer: nn.Linear, bn: nn.Module, act: Optiona
     in eval mode (``model.eval()``, or ``norm_eval=True`` in training) is folded into the layer: without
     autograd one oneDNN matmul with the activation fused (:func:`inference_linear_bn`), with autograd one
     linear through the fold (:func:`fold_bn`); otherwise the modules."""
-    y = inference_linear_bn(x, layer, bn, act)
-    if y is not None:
-        return y
-    if foldable(layer, bn):
-        y = train_linear(x, *fold_bn(layer, bn))
-    else:
+    y = None
+    if folds_bn(bn):  # (a BatchNorm in training mode goes straight to the modules)
+        y = inference_linear_bn(x, layer, bn, act)
+        if y is not None:
+            return y
+        if foldable(layer, bn):
+            y = train_linear(x, *fold_bn(layer, bn))
+    if y is None:
         y = inference_linear(x, layer)
         y = bn(y.reshape(-1, y.shape[-1])).view(y.shape)
     return y if act is None else act(y)
@@ -182,12 +184,14 @@ def linear_bn_act(x: torch.Tensor, layer: nn.Linear, bn: nn.Module, act: Optiona
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, act: Optional[nn.Module] = None) -> torch.Tensor:
     """``act(bn(conv(x)))`` with an eval-mode BatchNorm folded into the convolution as in :func:`linear_bn_act`
     (:func:`inference_conv_bn` without autograd); ``bn`` may also be any other module (then it is run)."""
-    y = inference_conv_bn(x, conv, bn, act)
-    if y is not None:
-        return y
-    if foldable(conv, bn):
-        y = F.conv2d(x, *fold_bn(conv, bn), conv.stride, conv.padding, conv.dilation, conv.groups)
-    else:
+    y = None
+    if folds_bn(bn):
+        y = inference_conv_bn(x, conv, bn, act)
+        if y is not None:
+            return y
+        if foldable(conv, bn):
+            y = F.conv2d(x, *fold_bn(conv, bn), conv.stride, conv.padding, conv.dilation, conv.groups)
+    if y is None:
         y = bn(conv(x))
     return y if act is None else act(y)
 
