@@ -14,6 +14,11 @@ gradient too, except where it is narrow: :func:`matmul_tn`): on this project's A
 ``addmm``/``mm`` (MKL) reach about half of oneDNN's rate at these shapes, while in bfloat16 both already
 run oneDNN.
 
+A BatchNorm in eval mode after a linear layer or a convolution (LeViT, CeiT's LeFF) is an affine map per
+channel: :func:`linear_bn_act` / :func:`conv_bn_act` fold it into the layer's weight and bias, one fused
+oneDNN call (with the following activation on the accumulator) without autograd, one linear / convolution
+through the differentiable fold with autograd (frozen statistics, ``norm_eval=True``).
+
 Everywhere else (other devices, traced / exported graphs, dtypes other than float32 and
 bfloat16, a subclass of ``nn.Linear`` or a layer with forward hooks, a PyTorch without the op) it calls
 the layer (+ ``F.gelu``).
@@ -304,6 +309,19 @@ def _post_op(act: Optional[nn.Module]):
     return None
 
 
+def _bn_fusion(x: torch.Tensor, layer: nn.Module, bn: nn.Module, act: Optional[nn.Module], fast_path):
+    """What a fused oneDNN call of ``act(bn(layer(x)))`` without autograd takes: (x in the compute dtype, the
+    folded weight, bias, post-op attr, algorithm), or None where it does not apply."""
+    if x.device.type != 'cpu' or not folds_bn(bn):
+        return None
+    dtype = _compute_dtype(x)
+    post = _post_op(act)
+    if post is None or not fast_path(x, layer, dtype) or needs_autograd(x, layer.weight, layer.bias, bn.weight,
+                                                                           bn.bias):
+        return None
+    return (x.to(dtype), ) + tuple(_bn_folded(layer, bn, dtype, packed=type(layer) is nn.Linear)) + post
+
+
 def inference_linear_bn(x: torch.Tensor, layer: nn.Linear, bn: nn.Module,
                         act: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
     """``act(bn(layer(x)))`` (``act`` None: ``bn(layer(x))``) over the last axis, without autograd, as one oneDNN
@@ -312,15 +330,8 @@ def inference_linear_bn(x: torch.Tensor, layer: nn.Linear, bn: nn.Module,
     (Hardswish, ReLU, exact GELU) applied to the accumulator. Returns None where that does not apply (training
     BatchNorm, autograd, another activation, the cases where :func:`inference_linear` calls the layer): the
     caller then runs its modules. Saves the BatchNorm's and the activation's passes over the output (LeViT)."""
-    if x.device.type != 'cpu' or not folds_bn(bn):
-        return None
-    dtype = _compute_dtype(x)
-    post = _post_op(act)
-    if post is None or not _fast_path(x, layer, dtype) or needs_autograd(x, layer.weight, layer.bias, bn.weight,
-                                                                            bn.bias):
-        return None
-    w, b = _bn_folded(layer, bn, dtype, packed=True)
-    return _ONEDNN_LINEAR(x.to(dtype), w, b, post[0], [], post[1])
+    f = _bn_fusion(x, layer, bn, act, _fast_path)
+    return None if f is None else _ONEDNN_LINEAR(f[0], f[1], f[2], f[3], [], f[4])
 
 
 def inference_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
@@ -328,16 +339,11 @@ def inference_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
     """``act(bn(conv(x)))`` without autograd as one oneDNN convolution with the eval-mode BatchNorm folded into
     its weight and bias and the activation applied to its output before it is written; None where that does
     not apply (as :func:`inference_linear_bn`; also padding modes other than zeros, string paddings)."""
-    if x.device.type != 'cpu' or not folds_bn(bn):
+    f = _bn_fusion(x, conv, bn, act, _conv_fast_path)
+    if f is None:
         return None
-    dtype = _compute_dtype(x)
-    post = _post_op(act)
-    if post is None or not _conv_fast_path(x, conv, dtype) or needs_autograd(x, conv.weight, conv.bias, bn.weight,
-                                                                             bn.bias):
-        return None
-    w, b = _bn_folded(conv, bn, dtype, packed=False)
-    return _ONEDNN_CONV(x.to(dtype), w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                        post[0], [], post[1])
+    return _ONEDNN_CONV(f[0], f[1], f[2], list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, f[3],
+                        [], f[4])
 
 
 def fuses_gelu(act: Optional[nn.Module]) -> bool:
