@@ -201,12 +201,13 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, act: Optional[n
     return y if act is None else act(y)
 
 
-def _bn_folded(layer: nn.Module, bn: nn.Module, dtype: torch.dtype, packed: bool):
+def _bn_folded(layer: nn.Module, bn: nn.Module, dtype: torch.dtype):
     """``layer``'s weight and bias with the eval-mode BatchNorm that follows it folded in (computed in
     float64, then cast to ``dtype``): with s = gamma / sqrt(running_var + eps) per output channel,
-    W' = W * s and b' = (b - running_mean) * s + beta. Kept on ``layer`` until any of them changes."""
+    W' = W * s and b' = (b - running_mean) * s + beta. Kept on ``layer`` until any of them changes; a linear
+    layer's (2-D) weight is kept packed for ``_ONEDNN_LINEAR``, as :func:`_weights` keeps its copies."""
     w, b = layer.weight, layer.bias
-    packed = packed and _REORDER is not None and w.dim() == 2
+    packed = _REORDER is not None and w.dim() == 2
 
     def build():
         wide = torch.float64
@@ -287,10 +288,7 @@ def inference_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> t
         y = layer(x)
         return F.gelu(y) if gelu else y
     if needs_autograd(x, layer.weight, layer.bias):
-        if dtype != torch.float32 or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
-            y = layer(x)  # bf16: torch's own matmuls already run oneDNN
-        else:
-            y = _TrainLinear.apply(x, layer.weight, layer.bias)
+        y = train_linear(x, layer.weight, layer.bias)
         return F.gelu(y) if gelu else y
     w, b = _weights(layer, dtype, packed=True)
     return _ONEDNN_LINEAR(x.to(dtype), w, b, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
@@ -319,7 +317,7 @@ def _bn_fusion(x: torch.Tensor, layer: nn.Module, bn: nn.Module, act: Optional[n
     if post is None or not fast_path(x, layer, dtype) or needs_autograd(x, layer.weight, layer.bias, bn.weight,
                                                                            bn.bias):
         return None
-    return (x.to(dtype), ) + tuple(_bn_folded(layer, bn, dtype, packed=type(layer) is nn.Linear)) + post
+    return (x.to(dtype), ) + tuple(_bn_folded(layer, bn, dtype)) + post
 
 
 def inference_linear_bn(x: torch.Tensor, layer: nn.Linear, bn: nn.Module,
